@@ -1,1 +1,3 @@
-"""Built-in models. Importing this package registers them."""
+"""Built-in models. Importing this package registers them (``idm``)."""
+
+from . import idm  # noqa: F401
