@@ -201,18 +201,35 @@ def test_memory_saving_backward_under_autocast():
         assert rel(pa.grad, pb.grad) <= 2e-2, name
 
 
-def test_retain_graph_second_backward_is_identical():
+def test_second_backward_through_the_same_graph_is_refused_loudly():
+    """IDM's backward rebuilds the input in place in the saved output: a retained graph can't be reused
+    silently -- autograd's in-place check refuses it."""
     model = idmbench.create_model("idm", preset="tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     loss = model(torch.randn(1, 1, 8, 8, 8), torch.tensor([5])).square().mean()
     loss.backward(retain_graph=True)
-    first = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_core_without_consume_output_supports_retain_graph():
+    from idmbench.invertible import InvertibleUNetCore
+
+    torch.manual_seed(0)
+    core = InvertibleUNetCore(8, 2, 1, 12)
+    with torch.no_grad():
+        for p in core.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(1, 8, 8, 8, 8, requires_grad=True)
+    y = core(x, torch.randn(1, 12))
+    y_before = y.detach().clone()
+    loss = y.square().mean()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in core.parameters()]
+    core.zero_grad()
     loss.backward()
-    for a, p in zip(first, model.parameters()):
+    for a, p in zip(first, core.parameters()):
         assert torch.equal(a, p.grad)
+    assert torch.equal(y.detach(), y_before)  # the caller's output is left alone
 
 
 def test_training_step_benchmark(benchmark):

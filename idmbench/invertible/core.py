@@ -49,10 +49,17 @@ class _MemorySavingCore(torch.autograd.Function):
         core: InvertibleUNetCore = ctx.core
         y, temb = ctx.saved_tensors
         device_type, enabled, dtype = ctx.autocast
-        # Own the buffers: the layers rebuild inputs and gradients in place in them. ``y`` itself stays
-        # untouched (it is saved for backward, so retain_graph / a second backward stays correct).
-        state, grad = [y.clone()], [grad_y.clone(memory_format=torch.contiguous_format)]
-        del y
+        # The layers rebuild inputs and gradients in place in buffers the core owns. With
+        # ``consume_output`` the saved output and the incoming gradient themselves become those
+        # buffers (two copies of the state less); a second backward through the same graph then
+        # fails autograd's in-place check, loudly.
+        if core.consume_output:
+            state = [y]
+            grad = [grad_y if grad_y.is_contiguous() else grad_y.contiguous()]
+        else:
+            state = [y.clone()]
+            grad = [grad_y.clone(memory_format=torch.contiguous_format)]
+        del y, grad_y
         grad_temb = torch.zeros_like(temb)
         pgrads: dict[int, torch.Tensor] = {}
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
@@ -81,7 +88,14 @@ class InvertibleUNetCore(nn.Module):
         attention: add checkerboard attention couplings on every skip path (before the decoder
             concatenation) from ``attention_min_level`` down, and at the bottleneck.
         hidden_ratio: width of a coupling sub-network relative to half the level's channels.
+        top_hidden_ratio: the same at the top (full-resolution) level, where a sub-network's
+            recompute working set dominates the peak; ``None`` means ``hidden_ratio``.
         memory_efficient: recompute by inversion instead of storing activations.
+        consume_output: let the memory-saving backward rebuild the input in place in the saved
+            output tensor and the incoming gradient (saves two copies of the state). Only for a
+            caller that owns both: the output must not be used after backward, its gradient must
+            not be shared, and ``retain_graph`` double backward is refused by autograd's in-place
+            check. IDM sets it (its core output only feeds the projection conv).
     """
 
     def __init__(
@@ -97,7 +111,9 @@ class InvertibleUNetCore(nn.Module):
         attn_window: int = 4,
         attn_full_max_tokens: int = 4096,
         hidden_ratio: float = 1.0,
+        top_hidden_ratio: float | None = None,
         memory_efficient: bool = True,
+        consume_output: bool = False,
     ):
         super().__init__()
         if channels % 4:
@@ -106,10 +122,14 @@ class InvertibleUNetCore(nn.Module):
             raise ValueError(f"IDM needs levels >= 0 and blocks_per_level >= 1; got {levels}, {blocks_per_level}")
         self.channels, self.levels, self.blocks_per_level = channels, levels, blocks_per_level
         self.memory_efficient = memory_efficient
+        self.consume_output = consume_output
         attn_kw = dict(head_dim=attn_head_dim, window=attn_window, full_max_tokens=attn_full_max_tokens)
 
+        top_ratio = hidden_ratio if top_hidden_ratio is None else top_hidden_ratio
+
         def coupling(c: int) -> AdditiveCoupling:
-            return AdditiveCoupling(c, temb_dim, hidden=max(2, int(round(c // 2 * hidden_ratio))))
+            ratio = top_ratio if c == channels else hidden_ratio
+            return AdditiveCoupling(c, temb_dim, hidden=max(2, int(round(c // 2 * ratio))))
 
         layers: list[InvertibleLayer] = []
         c = channels

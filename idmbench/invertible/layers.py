@@ -196,7 +196,8 @@ class MaskedAttentionNet(nn.Module):
     A depthwise 3x3x3 conv first spreads each voxel's neighbours into the masked positions (local
     mixing and relative position), then GroupNorm with time scale/shift, q/k/v by 1x1x1 conv,
     ``F.scaled_dot_product_attention`` over all voxels when there are at most ``full_max_tokens``,
-    else within non-overlapping windows of ``window`` voxels per side; output 1x1x1 conv, zero-init.
+    else within non-overlapping windows of ``window`` voxels per side; q/k/v and the output
+    projection (zero-initialised) are linear maps applied in token layout.
     """
 
     def __init__(self, channels: int, temb_dim: int, head_dim: int = 8, window: int = 4, full_max_tokens: int = 4096):
@@ -208,8 +209,8 @@ class MaskedAttentionNet(nn.Module):
         self.pos = nn.Conv3d(channels, channels, 3, padding=1, groups=channels, bias=False)
         self.norm = nn.GroupNorm(_groups(channels), channels)
         self.time = nn.Linear(temb_dim, 2 * channels)
-        self.qkv = nn.Conv3d(channels, 3 * channels, 1)
-        self.proj = nn.Conv3d(channels, channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -221,21 +222,23 @@ class MaskedAttentionNet(nn.Module):
 
     def forward(self, z: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         B, C, D, H, W = z.shape
-        h = z + self.pos(z)
-        h = self.norm(h)
+        h = self.norm(z + self.pos(z))
         scale, shift = self.time(F.silu(temb)).to(h.dtype)[:, :, None, None, None].chunk(2, dim=1)
         h = h * (1 + scale) + shift
-        qkv = self.qkv(h)
         wd, wh, ww = self.windows((D, H, W))
-        nh, hd = self.heads, C // self.heads
-        # (B, 3, heads, hd, D/wd, wd, H/wh, wh, W/ww, ww) -> (3, B*nW, heads, wd*wh*ww, hd)
-        t = qkv.reshape(B, 3, nh, hd, D // wd, wd, H // wh, wh, W // ww, ww)
-        t = t.permute(1, 0, 4, 6, 8, 2, 5, 7, 9, 3).reshape(3, -1, nh, wd * wh * ww, hd)
-        o = F.scaled_dot_product_attention(t[0], t[1], t[2])
-        del t
-        o = o.reshape(B, D // wd, H // wh, W // ww, nh, wd, wh, ww, hd)
-        o = o.permute(0, 4, 8, 1, 5, 2, 6, 3, 7).reshape(B, C, D, H, W)
-        return self.proj(o)
+        nd, nh_, nw = D // wd, H // wh, W // ww
+        T = wd * wh * ww
+        # tokens: (B, C, nd, wd, nh, wh, nw, ww) -> (B * windows, T, C); q/k/v/proj work in this layout
+        tok = h.reshape(B, C, nd, wd, nh_, wh, nw, ww).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(-1, T, C)
+        del h
+        heads, hd = self.heads, C // self.heads
+        q, k, v = self.qkv(tok).view(-1, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        del tok
+        o = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
+        del q, k, v
+        o = self.proj(o.transpose(1, 2).reshape(-1, T, C))
+        o = o.reshape(B, nd, nh_, nw, wd, wh, ww, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return o.reshape(B, C, D, H, W)
 
 
 class CheckerboardAttentionCoupling(InvertibleLayer):
@@ -414,9 +417,28 @@ class SplitDownsample(InvertibleLayer):
             rest = self.resample.up(low)
             drest = self.resample.up(dlow)
         pg = self.resample.weight_grad(rest, dlow, transposed=False)
-        in_state = out_state[:-2] + [torch.cat([skip, rest], dim=1)]
-        grad_in = grad_out[:-2] + [torch.cat([dskip, drest], dim=1)]
+        in_state = out_state[:-2] + [self._join(skip, rest)]
+        grad_in = grad_out[:-2] + [self._join(dskip, drest)]
         return in_state, grad_in, None, pg
+
+    def _join(self, skip: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """``cat([skip, rest], 1)``, written into the buffer ``skip`` was sliced from when there is one.
+
+        :meth:`UpsampleMerge.backward_pass` leaves the skip as the leading-channel view of the
+        level's buffer; refilling that buffer's remaining channels keeps one buffer per state.
+        """
+        base = skip._base
+        if (
+            base is not None
+            and base.shape == (skip.shape[0], self.channels) + tuple(skip.shape[2:])
+            and base.is_contiguous()
+            and skip.storage_offset() == base.storage_offset()
+            and skip.stride() == base.stride()
+            and base.dtype == rest.dtype
+        ):
+            base[:, self.skip :].copy_(rest)
+            return base
+        return torch.cat([skip, rest], dim=1)
 
 
 class UpsampleMerge(InvertibleLayer):

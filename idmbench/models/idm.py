@@ -17,13 +17,16 @@ from ..invertible.core import InvertibleUNetCore
 from ..registry import ModelSpec, register
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # tests: a few thousand parameters, every side divisible by 4
-    "tiny": dict(base_channels=8, levels=2, blocks_per_level=1, attention=True),
-    # CPU default
-    "small": dict(base_channels=16, levels=3, blocks_per_level=2, attention=True),
-    # GPU default: ~25 M parameters, comparable to PatchDDM-3D (~24 M at its reference settings)
-    "paper": dict(base_channels=32, levels=4, blocks_per_level=2, attention=True),
+    # tests: ~75 k parameters, every side divisible by 4
+    "tiny": dict(base_channels=8, levels=2, blocks_per_level=1, attention=True, attention_min_level=1),
+    # CPU default, ~1.8 M parameters
+    "small": dict(base_channels=16, levels=3, blocks_per_level=2, attention=True, top_hidden_ratio=0.5),
+    # GPU default: ~28 M parameters, comparable to PatchDDM-3D (~24 M at its reference settings)
+    "paper": dict(base_channels=32, levels=4, blocks_per_level=2, attention=True, top_hidden_ratio=0.5),
 }
+# Attention on the skip paths starts at level 2 (``attention_min_level``): at levels 0-1 its recompute
+# working set (q/k/v and windows of the largest skips) would set the memory peak; it stays at the
+# bottleneck and on every deeper skip.
 
 
 class IDM(nn.Module):
@@ -48,11 +51,12 @@ class IDM(nn.Module):
         blocks_per_level: int = 2,
         attention: bool = True,
         memory_efficient: bool = True,
-        attention_min_level: int = 1,
+        attention_min_level: int = 2,
         attn_head_dim: int = 32,
         attn_window: int = 4,
         attn_full_max_tokens: int = 64,
         hidden_ratio: float = 1.0,
+        top_hidden_ratio: float | None = None,
         time_embed_dim: int | None = None,
     ):
         super().__init__()
@@ -76,7 +80,9 @@ class IDM(nn.Module):
             attn_window=attn_window,
             attn_full_max_tokens=attn_full_max_tokens,
             hidden_ratio=hidden_ratio,
+            top_hidden_ratio=top_hidden_ratio,
             memory_efficient=memory_efficient,
+            consume_output=True,  # the core's output only feeds ``project``
         )
         self.project = nn.Conv3d(base_channels, out_channels, 3, padding=1)
 
