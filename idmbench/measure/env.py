@@ -1,0 +1,141 @@
+"""The environment a figure was measured in: software versions, device, driver, CPU model, git revision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` "model name", else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        import cpuinfo  # py-cpuinfo, a codecarbon dependency
+
+        name = cpuinfo.get_cpu_info().get("brand_raw", "")
+        if name:
+            return str(name)
+    except Exception:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str:
+    """``git rev-parse --short HEAD`` of the checkout holding ``path`` (this package by default),
+    with ``-dirty`` appended if tracked files have uncommitted changes; ``""`` when not a git checkout."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode != 0:
+            return ""
+        out = rev.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if dirty.returncode == 0 and dirty.stdout.strip():
+            out += "-dirty"
+        return out
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def total_ram_bytes() -> int:
+    """Physical memory of the machine (bytes)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def available_ram_bytes() -> int:
+    """Memory available to a new process without swapping (``MemAvailable``, bytes)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def nvidia_driver_version() -> str:
+    """The NVIDIA driver version through NVML (``pynvml`` from nvidia-ml-py), ``""`` without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return ""
+
+
+def device_name(device: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, the CPU model for ``cpu``."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        try:
+            return torch.cuda.get_device_name(torch.device(device))
+        except Exception:
+            return "unknown CUDA device"
+    return cpu_model()
+
+
+def capture(device: str = "cpu") -> dict[str, Any]:
+    """Everything a report needs to say what a figure was measured on (plain JSON-able data)."""
+    import torch
+
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "",
+        "cudnn_version": "",
+        "driver": "",
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": total_ram_bytes(),
+        "git_rev": git_revision(),
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "executable": sys.executable,
+    }
+    for mod in ("monai", "codecarbon", "numpy"):
+        try:
+            env[f"{mod}_version"] = __import__(mod).__version__
+        except Exception:
+            env[f"{mod}_version"] = ""
+    if str(device).startswith("cuda"):
+        env["driver"] = nvidia_driver_version()
+        try:
+            env["cudnn_version"] = str(torch.backends.cudnn.version() or "")
+            props = torch.cuda.get_device_properties(torch.device(device))
+            env["device_memory_bytes"] = int(props.total_memory)
+        except Exception:
+            pass
+    return env

@@ -1,0 +1,49 @@
+"""Floating-point operations of a step, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+Counted under fake tensors (no allocation, any size): matmuls, convolutions and attention, forward and
+backward (a multiply-add counts 2 FLOPs). Element-wise work (norms, activations, the optimiser update) is
+not counted, as usual for FLOP figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ``ModuleTracker``: no module hooks, every FLOP under "Global".
+
+    Its multi-grad hooks raise inside ``torch.autograd.grad`` called from a custom autograd Function's
+    backward (IDM's memory-saving backward); the total does not need the per-module split.
+    """
+
+    parents = {"Global"}
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def count_flops(module_hooks: bool = False) -> Iterator[Any]:
+    """``with count_flops() as fc: ...`` then ``fc.get_total_flops()`` (FLOPs).
+
+    ``module_hooks=True`` keeps FlopCounterMode's per-module breakdown (not safe with IDM's backward).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    if not module_hooks:
+        fc.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+    with fc:
+        yield fc
+
+
+def flops_of(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (run it under fake tensors to count without computing)."""
+    with count_flops() as fc:
+        fn()
+    return int(fc.get_total_flops())

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU sweep and the GPU-only checks in one go, for the day a CUDA machine is available.
+#
+#   scripts/gpu_run.sh                     # all four models, paper preset, sizes every model accepts
+#   SIZES=128,256 STEPS=5 scripts/gpu_run.sh
+#
+# Steps (each one's outcome is summarised at the end; the script exits 1 if any failed):
+#   1. environment: nvidia-smi, a CUDA build of torch that sees the GPU (exit 2 otherwise);
+#   2. the sweep: run_bench.py --device cuda --preset paper over MODELS x SIZES into OUT
+#      (reports/gpu-<timestamp>/ by default): CUDA allocator peaks, NVML memory and energy, timings;
+#   3. allocator vs prediction: python -m idmbench.harness.compare OUT (every measured row within
+#      0.90-1.25x of its fake-tensor prediction; NVML energy present; NVML's context overhead printed
+#      next to the 0.5 GiB constant the budgets assume);
+#   4. the pytest suite on this machine (includes the CUDA-only tests that are skipped on CPU);
+#   5. the CI memory gate (run_bench.py check);
+#   6. the HTML report OUT/report.html.
+# Environment overrides: PYTHON, MODELS, SIZES, STEPS, WARMUP, TIMEOUT (s per config), OUT, PRECISION.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+PY=${PYTHON:-python}
+MODELS=${MODELS:-idm,unet,unet-ckpt,patchddm}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-3}
+TIMEOUT=${TIMEOUT:-900}
+PRECISION=${PRECISION:-fp32}
+OUT=${OUT:-reports/gpu-$(date +%Y%m%d-%H%M%S)}
+
+echo "== 1. environment"
+if ! nvidia-smi; then echo "nvidia-smi failed: no NVIDIA driver here" >&2; exit 2; fi
+if ! "$PY" - <<'PYEOF'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA GPU; install a CUDA build, e.g. "
+             "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+PYEOF
+then exit 2; fi
+
+if [ -z "${SIZES:-}" ]; then
+  # the sizes among 128..512 that every model accepts at the paper preset
+  SIZES=$("$PY" - "$MODELS" <<'PYEOF'
+import sys
+from idmbench import get_spec
+models = sys.argv[1].split(",")
+ok = []
+for s in (128, 256, 384):
+    try:
+        for m in models:
+            spec = get_spec(m)
+            spec.check_size((s, s, s), spec.config("paper"))
+        ok.append(str(s))
+    except ValueError:
+        pass
+print(",".join(ok))
+PYEOF
+)
+fi
+echo "models $MODELS, sizes $SIZES, out $OUT"
+declare -A STATUS
+
+echo "== 2. GPU sweep"
+"$PY" run_bench.py --device cuda --preset paper --models "$MODELS" --sizes "$SIZES" \
+  --steps "$STEPS" --warmup "$WARMUP" --timeout "$TIMEOUT" --precision "$PRECISION" --out "$OUT" --no-report
+STATUS[sweep]=$?
+
+echo "== 3. CUDA allocator vs fake-tensor prediction, NVML energy"
+"$PY" -m idmbench.harness.compare "$OUT"
+STATUS[compare]=$?
+
+echo "== 4. pytest (CUDA-only tests run here)"
+"$PY" -m pytest -q --benchmark-disable
+STATUS[pytest]=$?
+
+echo "== 5. memory gate"
+"$PY" run_bench.py check
+STATUS[check]=$?
+
+echo "== 6. report"
+"$PY" run_bench.py report "$OUT"
+STATUS[report]=$?
+
+echo "== summary ($OUT)"
+rc=0
+for k in sweep compare pytest check report; do
+  echo "  $k: exit ${STATUS[$k]}"
+  [ "${STATUS[$k]}" = "0" ] || rc=1
+done
+exit $rc
