@@ -207,8 +207,14 @@ def training_step(
 
 
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-5, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW (PatchDDM-3D reference: lr 1e-5)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    """AdamW (PatchDDM-3D reference: lr 1e-5), multi-tensor (``foreach``) on every device.
+
+    ``foreach=True`` is what PyTorch picks by default on CUDA; fixing it makes CPU measurements and
+    fake-tensor predictions follow the same optimiser code path as a GPU run.
+    """
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=True
+    )
 
 
 @torch.no_grad()
