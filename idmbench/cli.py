@@ -215,6 +215,46 @@ def _parse_presets(text: str | None, models: list[str], device: str) -> dict[str
     return presets
 
 
+def _fall_back_presets(text: str, models: list[str], presets: dict[str, str]) -> dict[str, str]:
+    """With the default preset, a model that cannot take every requested size falls back to the next
+    smaller preset that can (e.g. PatchDDM's reference ``paper`` network needs sides divisible by 128
+    on a GPU run over 64^3), with a note on stderr. An explicit ``--preset`` is never changed."""
+    from .registry import get_spec
+    from .results import parse_size
+
+    try:
+        sizes = [parse_size(it) for it in _split(text)]
+    except ValueError:
+        return presets  # _parse_sizes reports it
+    out = dict(presets)
+    order = ["paper", "small", "tiny"]
+    for m in models:
+        spec = get_spec(m)
+
+        def fits(preset: str) -> bool:
+            try:
+                for sz in sizes:
+                    spec.check_size(sz, spec.config(preset))
+                return True
+            except ValueError:
+                return False
+
+        if fits(out[m]):
+            continue
+        start = order.index(out[m]) + 1 if out[m] in order else len(order)
+        for alt in order[start:]:
+            if alt in spec.presets and fits(alt):
+                need = spec.valid_sides(spec.config(out[m]))
+                print(
+                    f"note: {m}'s default preset {out[m]} needs sides that are multiples of {need}; "
+                    f"using preset {alt} for {m} (pass --preset to choose)",
+                    file=sys.stderr,
+                )
+                out[m] = alt
+                break
+    return out
+
+
 def _parse_sizes(text: str | None, models: list[str], presets: dict[str, str]) -> list[tuple[int, int, int]]:
     from .registry import get_spec
     from .results import parse_size
@@ -352,6 +392,8 @@ def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
         presets = _parse_presets(ns.preset, models, device)
 
     sizes_v = pick("sizes")
+    if ns.preset is None and not (resume and isinstance(prev.get("presets"), dict)) and sizes_v is not None:
+        presets = _fall_back_presets(",".join(sizes_v) if isinstance(sizes_v, list) else sizes_v, models, presets)
     sizes = _parse_sizes(",".join(sizes_v) if isinstance(sizes_v, list) else sizes_v, models, presets)
 
     phases_v = pick("phases")

@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 import idmbench
@@ -165,3 +166,20 @@ def test_check_subcommand_dispatches(monkeypatch):
     monkeypatch.setitem(sys.modules, "idmbench.check", fake)
     assert cli.main(["check", "--tolerance", "5%"]) == 1
     assert seen == [["--tolerance", "5%"]]
+
+
+def test_default_preset_falls_back_per_model_on_cuda(monkeypatch, tmp_path, capsys):
+    """On a GPU the default preset is paper; PatchDDM's paper network needs multiples of 128, so the main
+    job (--sizes 64,128,256) uses its small preset instead, says so, and still runs. An explicit
+    --preset paper is refused as bad input."""
+    from idmbench import cli as C
+
+    monkeypatch.setattr(C, "resolve_device", lambda text: "cuda:0")
+    argv = ["--models", "idm,patchddm", "--sizes", "64,128,256", "--out", str(tmp_path / "run")]
+    opts = C.options_from_args(C.build_parser().parse_args(argv), argv)
+    assert opts.presets == {"idm": "paper", "patchddm": "small"}
+    err = capsys.readouterr().err
+    assert "note: patchddm's default preset paper needs sides that are multiples of 128; using preset small" in err
+    argv2 = argv + ["--preset", "paper"]
+    with pytest.raises(C.UsageError, match=r"patchddm needs every side divisible by 64.*valid sides are multiples of 128"):
+        C.options_from_args(C.build_parser().parse_args(argv2), argv2)
