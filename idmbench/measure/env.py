@@ -123,7 +123,6 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "executable": sys.executable,
     }
     for mod in ("monai", "codecarbon", "numpy"):
         try:
