@@ -140,8 +140,6 @@ def build_patchddm(in_channels: int = 1, out_channels: int = 1, **cfg: Any) -> P
     return PatchDDM3D(in_channels, out_channels, **own, **monai_unet_kwargs(merged, "patchddm", own=OWN_OPTIONS))
 
 
-PATCHDDM_PARAMS = {"tiny": 72_973, "small": 1_850_301, "paper": 32_328_795}
-
 PATCHDDM_SPEC = ModelSpec(
     name="patchddm",
     build=build_patchddm,
@@ -151,7 +149,7 @@ PATCHDDM_SPEC = ModelSpec(
     patch_fraction=0.5,
     description="PatchDDM-3D: MONAI 3D UNet + global coordinate channels, trained on half-side patches, sampled whole",
     family="patchddm",
-    extra={"params": PATCHDDM_PARAMS, "library": "monai.networks.nets.DiffusionModelUNet", "reference": "Bieder et al., MIDL 2023"},
+    extra={"library": "monai.networks.nets.DiffusionModelUNet", "reference": "Bieder et al., MIDL 2023"},
 )
 
 

@@ -234,9 +234,6 @@ def _build(name: str, in_channels: int, out_channels: int, *, checkpoint_blocks:
     )
 
 
-#: parameter counts (in_channels = out_channels = 1), so the report can show sizes without building
-UNET_PARAMS = {"tiny": 75_241, "small": 1_875_969, "paper": 11_880_065}
-
 UNET_SPEC = ModelSpec(
     name="unet",
     build=build_unet,
@@ -245,7 +242,7 @@ UNET_SPEC = ModelSpec(
     recipe="full",
     description="MONAI DiffusionModelUNet (3D), plain autograd: the standard 3D diffusion UNet",
     family="unet",
-    extra={"params": UNET_PARAMS, "library": "monai.networks.nets.DiffusionModelUNet"},
+    extra={"library": "monai.networks.nets.DiffusionModelUNet"},
 )
 
 UNET_CKPT_SPEC = ModelSpec(
@@ -256,7 +253,7 @@ UNET_CKPT_SPEC = ModelSpec(
     recipe="full",
     description="the same MONAI UNet with activation checkpointing per down/middle/up block (use_reentrant=False)",
     family="unet",
-    extra={"params": UNET_PARAMS, "library": "monai.networks.nets.DiffusionModelUNet + torch.utils.checkpoint"},
+    extra={"library": "monai.networks.nets.DiffusionModelUNet + torch.utils.checkpoint"},
 )
 
 

@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .harness.progress import render_table
+from .harness.units import format_bytes
+
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 DEFAULT_BASELINE = Path("reports/baseline/memory.json")
 SCHEMA = 1
@@ -75,13 +78,7 @@ class Invariant:
 
 
 def _gib(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.3f} {unit}"
-    return f"{int(n)} B"
+    return format_bytes(n, digits=3)
 
 
 def predicted_figures(models: Sequence[str]) -> list[Figure]:
@@ -271,14 +268,6 @@ def parse_tolerance(text: str) -> float:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append("  ".join(c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -363,7 +352,8 @@ def evaluate(
         rows.append([f.model, f.preset, f"{f.size}^3", f.phase, label, _gib(base), _gib(f.value), change, mark])
     computed = {f.key() for f in figures}
     missing = [] if baseline is None else sorted(k for k in baseline if k[0] in models and k not in computed)
-    print(_table(rows, ["model", "preset", "size", "phase", "figure", "baseline", "now", "change", ""]))
+    print(render_table(["model", "preset", "size", "phase", "figure", "baseline", "now", "change", ""], rows,
+                       align="lllllrrrl"))
     print()
     print("invariants (cannot be waived by --update):")
     for i in inv:

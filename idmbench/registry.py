@@ -7,7 +7,6 @@ the entry-point group ``idmbench.models``: each entry point names a callable tha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Sequence
@@ -206,7 +205,3 @@ def create_model(name: str, in_channels: int = 1, out_channels: int = 1, preset:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (elements)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def ceil_to(x: float, m: int) -> int:
-    return int(math.ceil(x / m) * m)

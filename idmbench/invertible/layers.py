@@ -48,6 +48,23 @@ def call_with(module: nn.Module, params: dict[str, torch.Tensor], *args: Any) ->
     return torch.func.functional_call(module, params, args, strict=False)
 
 
+def recompute(
+    net: nn.Module, params: dict[str, torch.Tensor], inp: torch.Tensor, temb: torch.Tensor, grad_out: torch.Tensor,
+    fn: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor | None]]:
+    """Evaluate ``net`` (or ``fn(inp, temb, params)``) once with grad and backpropagate ``grad_out``.
+
+    Returns ``(output, grad of inp, grad of temb, {parameter name: grad})``; the output is detached and
+    the graph is freed, so the caller holds only what it keeps.
+    """
+    with torch.enable_grad():
+        x = inp.detach().requires_grad_(True)
+        te = temb.detach().requires_grad_(True)
+        out = call_with(net, params, x, te) if fn is None else fn(x, te, params)
+        gx, gt, *gp = torch.autograd.grad(out, [x, te] + list(params.values()), grad_out, allow_unused=True)
+    return out.detach(), gx, gt, dict(zip(params, gp))
+
+
 def grads_for(module: nn.Module, named: dict[str, torch.Tensor | None], prefix: str = "") -> list[torch.Tensor | None]:
     """Gradients keyed by parameter name, in the order of ``module``'s trainable parameters."""
     return [named.get(prefix + n) for n, p in module.named_parameters() if p.requires_grad]
@@ -144,30 +161,19 @@ class AdditiveCoupling(InvertibleLayer):
         y, dy = out_state[-1], grad_out[-1]
         y1, y2 = y.chunk(2, dim=1)
         dy1, dy2 = dy.chunk(2, dim=1)
-        gp, fp = detached_params(self.G), detached_params(self.F)
-        with torch.enable_grad():
-            y1_ = y1.detach().requires_grad_(True)
-            te = temb.detach().requires_grad_(True)
-            g = call_with(self.G, gp, y1_, te)
-            gy1, gte1, *gG = torch.autograd.grad(g, [y1_, te] + list(gp.values()), dy2, allow_unused=True)
-        del y1_
-        y2.sub_(g.detach())  # y2 now holds x2
+        g, gy1, gte1, gG = recompute(self.G, detached_params(self.G), y1, temb, dy2)
+        y2.sub_(g)  # y2 now holds x2
         del g
         if gy1 is not None:
             dy1.add_(gy1)  # dL/dy1 including the path through G
         del gy1
-        with torch.enable_grad():
-            x2_ = y2.detach().requires_grad_(True)
-            te = temb.detach().requires_grad_(True)
-            f = call_with(self.F, fp, x2_, te)
-            gx2, gte2, *gF = torch.autograd.grad(f, [x2_, te] + list(fp.values()), dy1, allow_unused=True)
-        del x2_
-        y1.sub_(f.detach())  # y1 now holds x1
+        f, gx2, gte2, gF = recompute(self.F, detached_params(self.F), y2, temb, dy1)
+        y1.sub_(f)  # y1 now holds x1
         del f
         if gx2 is not None:
             dy2.add_(gx2)  # dL/dx2
-        named = {"F." + n: g for n, g in zip(fp, gF)}
-        named.update({"G." + n: g for n, g in zip(gp, gG)})
+        named = {"F." + n: g for n, g in gF.items()}
+        named.update({"G." + n: g for n, g in gG.items()})
         return out_state, grad_out, _sum_opt(gte1, gte2), grads_for(self, named)
 
 
@@ -290,20 +296,15 @@ class CheckerboardAttentionCoupling(InvertibleLayer):
         gte = None
         named: dict[str, torch.Tensor | None] = {}
         for prefix, net, mask in (("B.", self.B, mc), ("A.", self.A, m)):
-            params = detached_params(net)
-            with torch.enable_grad():
-                y_ = y.detach().requires_grad_(True)
-                te = temb.detach().requires_grad_(True)
-                a = self._half(net, y_, mask, te, params)
-                gy, gt, *gp = torch.autograd.grad(a, [y_, te] + list(params.values()), dy, allow_unused=True)
-            del y_
-            y.sub_(a.detach())
+            half = lambda x, te, params, net=net, mask=mask: self._half(net, x, mask, te, params)  # noqa: E731
+            a, gy, gt, gp = recompute(net, detached_params(net), y, temb, dy, fn=half)
+            y.sub_(a)
             del a
             if gy is not None:
                 dy.add_(gy)
             del gy
             gte = _sum_opt(gte, gt)
-            named.update({prefix + n: g for n, g in zip(params, gp)})
+            named.update({prefix + n: g for n, g in gp.items()})
         return out_state, grad_out, gte, grads_for(self, named)
 
 

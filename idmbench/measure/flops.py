@@ -10,21 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
-
-class _GlobalOnly:
-    """Stands in for FlopCounterMode's ``ModuleTracker``: no module hooks, every FLOP under "Global".
-
-    Its multi-grad hooks raise inside ``torch.autograd.grad`` called from a custom autograd Function's
-    backward (IDM's memory-saving backward); the total does not need the per-module split.
-    """
-
-    parents = {"Global"}
-
-    def __enter__(self) -> "_GlobalOnly":
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        pass
+from .memory import NoModuleHooks
 
 
 @contextlib.contextmanager
@@ -37,7 +23,8 @@ def count_flops(module_hooks: bool = False) -> Iterator[Any]:
 
     fc = FlopCounterMode(display=False)
     if not module_hooks:
-        fc.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+        # no module hooks: their multi-grad hooks raise inside IDM's custom backward; totals don't need them
+        fc.mod_tracker = NoModuleHooks()  # type: ignore[assignment]
     with fc:
         yield fc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -49,8 +49,8 @@ def _category_bytes(snap: dict, name: str) -> int:
     return 0
 
 
-class _NoModuleHooks:
-    """Stands in for MemTracker's ``ModTracker`` without registering any module or gradient hooks.
+class NoModuleHooks:
+    """Stands in for MemTracker's ``ModTracker`` (and FlopCounterMode's) without registering any hooks.
 
     The module hooks only feed MemTracker's per-module breakdown (unused here), cost most of its overhead,
     and their multi-grad hooks raise inside ``torch.autograd.grad`` called from a custom
@@ -74,7 +74,7 @@ class _NoModuleHooks:
     def get_known_fqn(self, mod: Any) -> None:
         return None
 
-    def __enter__(self) -> "_NoModuleHooks":
+    def __enter__(self) -> "NoModuleHooks":
         return self
 
     def __exit__(self, *args: Any) -> None:
@@ -101,7 +101,7 @@ def track_peak(
 
     mt = MemTracker()
     if not module_hooks:
-        mt._mod_tracker = _NoModuleHooks()  # type: ignore[assignment]
+        mt._mod_tracker = NoModuleHooks()  # type: ignore[assignment]
     tr = [t for t in track if t is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -165,7 +165,3 @@ def fake_mode():
 
     with FakeTensorMode(allow_non_fake_inputs=True) as m:
         yield m
-
-
-def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .data import MemCell, RunData, memory_cells, size_order, size_text
 from .tables import Table
-from .units import GPU_SIZES_GIB, GiB, fmt_bytes, fmt_num, is_missing, parse_bytes
+from .units import GPU_SIZES_GIB, GiB, fmt_bytes, fmt_num, is_missing
 
 
 @dataclass
@@ -189,8 +189,10 @@ def budget_table(run: RunData, cells: dict[tuple[str, str], MemCell]) -> tuple[T
             f"{m} [{p}]" if presets is not None and presets.get(m, 1) > 1 else m
             for m, p in zip(b["model"], b["preset"] if "preset" in b.columns else [""] * len(b))
         ])
-        budgets = list(dict.fromkeys(b["budget"]))
-        budgets.sort(key=lambda t: parse_bytes(t) or 0)
+        if "budget_bytes" in b.columns:  # the harness wrote each budget's bytes next to its label
+            budgets = list(b.sort_values("budget_bytes", kind="stable")["budget"].drop_duplicates())
+        else:
+            budgets = list(dict.fromkeys(b["budget"]))
         labels = list(dict.fromkeys(b["_label"]))
         has_notes = "note" in b.columns and (b["note"].fillna("").str.strip() != "").any()
         rows = []

@@ -70,23 +70,3 @@ def fmt_bytes(v: object, unit: tuple[str, int] | None = None, with_unit: bool = 
     name, scale = unit or own_unit(float(v))  # type: ignore[arg-type]
     text = fmt_num(float(v) / scale)  # type: ignore[arg-type]
     return f"{text} {name}" if with_unit else text
-
-
-def parse_bytes(text: object) -> int | None:
-    """``"24GiB"``, ``"24 GB"``, ``"512MiB"``, ``"25769803776"`` -> bytes (GB/MB read as GiB/MiB, as
-    GPU memory is sold); None when it cannot be read."""
-    if is_missing(text):
-        return None
-    t = str(text).strip().replace(" ", "").lower()
-    mult = {"tib": 1024**4, "tb": 1024**4, "gib": GiB, "gb": GiB, "g": GiB, "mib": MiB, "mb": MiB, "m": MiB,
-            "kib": 1024, "kb": 1024, "k": 1024, "b": 1}
-    for suffix in sorted(mult, key=len, reverse=True):
-        if t.endswith(suffix):
-            try:
-                return int(float(t[: -len(suffix)]) * mult[suffix])
-            except ValueError:
-                return None
-    try:
-        return int(float(t))
-    except ValueError:
-        return None
