@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .harness.progress import render_table
-from .harness.units import format_bytes
+from .units import format_bytes
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 DEFAULT_BASELINE = Path("reports/baseline/memory.json")

@@ -299,7 +299,7 @@ def _parse_sizes(text: str | None, models: list[str], presets: dict[str, str]) -
 
 def _parse_budgets(text: str | None) -> list[tuple[str, int]]:
     from .harness.budget import DEFAULT_BUDGETS
-    from .harness.units import parse_bytes
+    from .units import parse_bytes
 
     items = list(DEFAULT_BUDGETS) if text is None else _split(text)
     if text is not None and [i.lower() for i in items] in (["none"], ["off"], []):
@@ -332,7 +332,7 @@ def _check_out(path: Path, *, resume: bool) -> None:
 def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
     """Validate the parsed flags (and, with ``--resume``, merge DIR/run.json) into :class:`SweepOptions`."""
     from .harness.sweep import SweepOptions
-    from .harness.units import parse_bytes
+    from .units import parse_bytes
     from .measure.workload import PHASES
     from .registry import list_models
 

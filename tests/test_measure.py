@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import idmbench
-from idmbench.harness.units import format_bytes, parse_bytes
+from idmbench.units import format_bytes, parse_bytes
 from idmbench.measure import energy as E
 from idmbench.measure.env import capture, cpu_model, git_revision
 from idmbench.measure.flops import flops_of

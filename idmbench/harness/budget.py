@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..measure.predict import CUDA_CONTEXT_BYTES, CUDA_CONTEXT_LABEL
-from .units import format_bytes
+from ..units import format_bytes
 
 DEFAULT_BUDGETS = ("16GiB", "24GiB", "40GiB", "80GiB")
 MAX_SIDE = 1024

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .units import format_bytes, format_seconds
+from ..units import format_bytes, format_seconds
 
 #: seconds to start a worker (interpreter, torch, MONAI imports, model build), on 2 cores
 WORKER_STARTUP_S = 6.0

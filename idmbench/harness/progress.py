@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Iterable, TextIO
 
-from .units import format_bytes, format_clock, format_seconds
+from ..units import format_bytes, format_clock, format_seconds
 
 
 class Progress:

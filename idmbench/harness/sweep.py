@@ -34,7 +34,7 @@ from ..registry import get_spec
 from . import budget as B
 from .policy import Decision, Policy, calibrate_cpu_flop_rate
 from .progress import Progress, budget_table, summary_table
-from .units import format_bytes, format_seconds, format_si
+from ..units import format_bytes, format_seconds, format_si
 
 PKG_ROOT = Path(__file__).resolve().parents[2]
 

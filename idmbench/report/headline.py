@@ -15,7 +15,7 @@ import pandas as pd
 
 from .data import MemCell, RunData, memory_cells, size_order, size_text
 from .tables import Table
-from .units import GPU_SIZES_GIB, GiB, fmt_bytes, fmt_num, is_missing
+from ..units import GPU_SIZES_GIB, GiB, fmt_bytes, fmt_num, is_missing
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .data import RunData, phase_order, size_order, size_text
 from .headline import Headline
 from .plots import Figure
 from .tables import Table
-from .units import fmt_num
+from ..units import fmt_num
 
 #: at most this many sample images are inlined (each is a base64 copy of the PNG)
 MAX_SAMPLES = 48

@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .data import MemCell, RunData, memory_cells, phase_order, size_text
-from .units import GPU_SIZES_GIB, GiB
+from ..units import GPU_SIZES_GIB, GiB
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
           "#bcbd22"]

@@ -13,7 +13,7 @@ from typing import Callable
 import pandas as pd
 
 from .data import RunData, model_order, phase_order, size_order, size_text
-from .units import byte_unit, fmt_bytes, fmt_num, is_missing
+from ..units import byte_unit, fmt_bytes, fmt_num, is_missing
 
 #: statuses that get their own CSS class (anything else is "status-other")
 KNOWN_STATUSES = ("ok", "predicted", "oom", "error", "timeout")
