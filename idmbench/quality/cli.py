@@ -1,0 +1,479 @@
+"""``run_bench.py quality`` -- the command line of a quality run (train to one budget, score, sample).
+
+Two public functions, so that any top-level parser can mount the command as a subcommand:
+
+* :func:`add_arguments` adds every flag (with converters and a help text that names its unit);
+* :func:`run` validates what argparse cannot (models, presets, sizes each model can take, the device, the
+  data folder, ``--resume``), runs, and returns the exit code: 0 done (rows may still say ``error``),
+  1 every model failed, 2 bad input (one ``error: ...`` line on stderr, nothing started), 130 interrupted.
+
+``python -m idmbench.quality ...`` runs the same command on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SIZE = "32"
+DEFAULT_TRAIN_STEPS = 200
+DEFAULT_BATCH = 1
+DEFAULT_LR = 1e-4
+DEFAULT_SEED = 0
+DEFAULT_EVAL_T = (50, 250, 500)
+DEFAULT_SAMPLES = 2
+DEFAULT_SAMPLE_STEPS = 50
+DEFAULT_NOISE_DRAWS = 4
+DEFAULT_HELDOUT_FRACTION = 0.2
+DEFAULT_SYNTHETIC_VOLUMES = 8
+DEFAULT_PRESET = "small"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: settings that define the training/scoring budget: a resumed run keeps them (run.json), and a flag
+#: given again with another value is refused (rows of two budgets would be mixed in one table)
+BUDGET_KEYS = (
+    "data", "size", "modalities", "train_steps", "batch", "lr", "seed", "eval_t", "samples", "sample_steps",
+    "noise_draws", "heldout_fraction", "synthetic_volumes", "max_volumes", "precision", "device",
+)
+
+try:  # the top-level CLI's error type, when it has one, so a central handler also recognises ours
+    from ..cli import UsageError as _BaseUsageError  # type: ignore[attr-defined]
+except Exception:  # pragma: no cover - the top-level CLI is being restructured
+    _BaseUsageError = ValueError  # type: ignore[assignment,misc]
+
+
+class UsageError(_BaseUsageError):  # type: ignore[misc,valid-type]
+    """Bad input to ``quality``: printed as one ``error: ...`` line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# argparse converters: each raises ArgumentTypeError with one line naming the valid form
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _name_list(text: str) -> list[str]:
+    items: list[str] = []
+    for t in _split(text):
+        if t not in items:
+            items.append(t)
+    if not items:
+        raise argparse.ArgumentTypeError(f"empty list {text!r}; give comma-separated names like idm,unet")
+    return items
+
+
+def _whole(minimum: int):
+    def conv(text: str) -> int:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}; got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {v}")
+        return v
+
+    conv.__name__ = f"whole number >= {minimum}"
+    return conv
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number; got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1); got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1); got {text!r}")
+    return v
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    from ..results import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _timesteps(text: str) -> list[int]:
+    from ..diffusion import NUM_TRAIN_TIMESTEPS
+
+    out: list[int] = []
+    for t in _split(text):
+        try:
+            v = int(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"timesteps are whole numbers in 0..{NUM_TRAIN_TIMESTEPS - 1}, comma-separated; got {t!r}"
+            ) from None
+        if not 0 <= v < NUM_TRAIN_TIMESTEPS:
+            raise argparse.ArgumentTypeError(f"timestep {v} is outside 0..{NUM_TRAIN_TIMESTEPS - 1}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty list {text!r}; give timesteps like 50,250,500")
+    return sorted(out)
+
+
+def _lower_name_list(text: str) -> list[str]:
+    return [t.lower() for t in _name_list(text)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``quality`` flags to ``parser``.
+
+    Every flag defaults to ``None`` here and its documented default is applied by :func:`run`, so that a
+    resumed run can tell a flag given again from one left out.
+    """
+    a = parser.add_argument
+    a("--models", type=_name_list, metavar="M1,M2",
+      help="registered model names, comma-separated (default: every registered model, one per network family: "
+           "unet-ckpt trains the same network as unet)")
+    a("--data", metavar="DIR|synthetic",
+      help="a folder of *.nii / *.nii.gz volumes (one volume per file), a BraTS-layout folder (subject folders "
+           "BraTS20_Training_NNN/..._{t1,t1ce,t2,flair,seg}.nii[.gz], also one folder deeper), or 'synthetic': "
+           "seeded brain-like volumes generated in memory (default synthetic)")
+    a("--size", type=_size, metavar="S|DxHxW",
+      help=f"volume size in voxels every volume is resampled (aspect kept) and padded to: a cube side (32) or "
+           f"DxHxW (default {DEFAULT_SIZE})")
+    a("--modalities", type=_lower_name_list, metavar="M1,M2",
+      help="BraTS layout only: modalities stacked as channels, e.g. t1,flair (default: the first one present, "
+           "in the order t1, t1ce, t2, flair, then alphabetical; 'seg' is a label map, not an image)")
+    a("--train-steps", type=_whole(0), metavar="N",
+      help=f"optimiser steps every model trains for (default {DEFAULT_TRAIN_STEPS}; 0 scores the untrained network)")
+    a("--batch", type=_whole(1), metavar="N", help=f"volumes per training step (default {DEFAULT_BATCH})")
+    a("--lr", type=_positive_float, metavar="X", help=f"AdamW learning rate, the same for every model (default {DEFAULT_LR:g})")
+    a("--preset", metavar="P",
+      help=f"model preset: one name for all (tiny, small, paper) or per model, e.g. 'small,patchddm=paper' "
+           f"(default {DEFAULT_PRESET}: parameter-matched across models, so quality is compared at equal size)")
+    a("--device", metavar="D", help="auto | cpu | cuda | cuda:N (default auto: cuda if a GPU is visible, else cpu)")
+    a("--precision", choices=PRECISIONS, help="autocast dtype of training, scoring and sampling (default fp32)")
+    a("--seed", type=_whole(0), metavar="N",
+      help=f"seed of the weights, the train/held-out split, the data order, the noise draws and the samples "
+           f"(default {DEFAULT_SEED})")
+    a("--eval-t", type=_timesteps, metavar="T1,T2",
+      help="diffusion timesteps (0..999 of the 1000-step linear schedule) at which held-out denoising is scored "
+           f"(default {','.join(map(str, DEFAULT_EVAL_T))})")
+    a("--noise-draws", type=_whole(1), metavar="N",
+      help=f"fixed noise draws per held-out volume and timestep that the metrics average over (default {DEFAULT_NOISE_DRAWS})")
+    a("--samples", type=_whole(0), metavar="K", help=f"volumes generated per model with DDIM (default {DEFAULT_SAMPLES})")
+    a("--sample-steps", type=_whole(1), metavar="M", help=f"DDIM denoising steps per generated volume (default {DEFAULT_SAMPLE_STEPS})")
+    a("--heldout-fraction", type=_fraction, metavar="F",
+      help=f"fraction of the volumes held out for scoring, at least one (default {DEFAULT_HELDOUT_FRACTION:g}); "
+           "with a single volume the held-out set is the training set")
+    a("--synthetic-volumes", type=_whole(1), metavar="N",
+      help=f"--data synthetic: number of volumes generated (default {DEFAULT_SYNTHETIC_VOLUMES})")
+    a("--max-volumes", type=_whole(1), metavar="N",
+      help="use only the first N volumes / subjects of --data DIR in name order (default all)")
+    a("--out", metavar="DIR",
+      help="output folder (default reports/quality-<YYYYmmdd-HHMMSS>/); may hold a sweep's results, but not a "
+           "quality run already (use --resume)")
+    a("--resume", metavar="DIR",
+      help="continue the quality run in DIR: models already scored are skipped; the budget comes from "
+           "DIR/run.json (giving a budget flag again with another value is refused)")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation of what argparse cannot check
+
+
+def _resolve_device(text: str | None) -> str:
+    """``auto`` -> ``cuda:0`` or ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` checked against this machine."""
+    import torch
+
+    t = (text or "auto").strip().lower()
+    if t == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if t == "cpu":
+        return "cpu"
+    if t == "cuda" or t.startswith("cuda:"):
+        idx_txt = t.split(":", 1)[1] if ":" in t else "0"
+        if not idx_txt.isdigit():
+            raise UsageError(f"unknown device {text!r}; valid: auto, cpu, cuda, cuda:N")
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {text} requested but {why} (torch {torch.__version__}); use --device cpu")
+        n = torch.cuda.device_count()
+        if int(idx_txt) >= n:
+            raise UsageError(f"--device {text}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+        return f"cuda:{int(idx_txt)}"
+    raise UsageError(f"unknown device {text!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def _check_precision(precision: str, device: str) -> None:
+    import torch
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    dt = torch.bfloat16 if precision == "bf16" else torch.float16
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    if dev == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"--precision bf16 is not supported on {device}; use fp16 or fp32")
+        return
+    try:
+        with torch.autocast(device_type="cpu", dtype=dt):
+            y = torch.nn.Conv3d(1, 1, 1)(torch.zeros(1, 1, 2, 2, 2))
+        if y.dtype != dt:
+            raise RuntimeError(f"autocast produced {y.dtype}")
+    except Exception as exc:
+        hint = "; on CPU use --precision bf16 or fp32" if precision == "fp16" else ""
+        raise UsageError(f"--precision {precision} is not supported on {device} ({exc}){hint}") from None
+
+
+def _default_models() -> list[str]:
+    """Every registered model, one per network family (the first by name)."""
+    from ..registry import get_spec, list_models
+
+    out, families = [], set()
+    for m in list_models():
+        fam = get_spec(m).family or m
+        if fam in families:
+            continue
+        families.add(fam)
+        out.append(m)
+    return out
+
+
+def _check_models(models: list[str]) -> list[str]:
+    from ..registry import list_models, plugin_errors
+
+    available = list_models()
+    for m in models:
+        if m not in available:
+            extra = plugin_errors().get(m)
+            raise UsageError(
+                f"unknown model {m!r}" + (f" (its plugin failed to load: {extra})" if extra else "")
+                + f"; valid models: {', '.join(available)}"
+            )
+    return models
+
+
+def _parse_presets(text: str | None, models: list[str]) -> dict[str, str]:
+    from ..registry import get_spec
+
+    presets = {m: DEFAULT_PRESET for m in models}
+    if text:
+        per: dict[str, str] = {}
+        for item in _split(text):
+            if "=" in item:
+                m, _, p = item.partition("=")
+                m, p = m.strip(), p.strip()
+                if m not in models:
+                    raise UsageError(f"--preset {item!r} names model {m!r}, which is not in --models ({', '.join(models)})")
+                per[m] = p
+            else:
+                presets = {mm: item for mm in models}
+        presets.update(per)
+    for m, p in presets.items():
+        spec = get_spec(m)
+        if p not in spec.presets:
+            raise UsageError(f"model {m!r} has no preset {p!r}; valid presets: {', '.join(sorted(spec.presets))}")
+    return presets
+
+
+def _check_sizes(size: tuple[int, int, int], models: list[str], presets: dict[str, str]) -> None:
+    from ..registry import get_spec
+
+    for m in models:
+        spec = get_spec(m)
+        try:
+            spec.check_size(size, spec.config(presets[m]))
+        except ValueError as exc:
+            raise UsageError(f"--size: {exc} (preset {presets[m]})") from None
+
+
+def _check_out(path: Path, *, resume: bool) -> None:
+    if not resume and (path / "quality.csv").exists():
+        raise UsageError(f"--out {path} already holds a quality run (quality.csv); continue it with --resume {path} or choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".quality-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {path} is not writable ({exc.strerror or exc})") from None
+
+
+def _previous_settings(rdir: Path) -> dict[str, Any]:
+    if not rdir.is_dir():
+        raise UsageError(f"--resume {rdir}: no such folder")
+    rj = rdir / "run.json"
+    if not rj.exists():
+        raise UsageError(f"--resume {rdir}: no run.json there (not a quality run folder)")
+    try:
+        meta = json.loads(rj.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--resume {rdir}: run.json is not valid JSON ({exc})") from None
+    q = meta.get("quality") if isinstance(meta, dict) else None
+    if not isinstance(q, dict) or "settings" not in q:
+        raise UsageError(f"--resume {rdir}: run.json holds no quality run (no 'quality' key); start one with --out {rdir}")
+    return dict(q["settings"])
+
+
+def options_from_namespace(ns: argparse.Namespace):
+    """Validate ``ns`` (from :func:`add_arguments`) into :class:`~idmbench.quality.runner.QualityOptions`.
+
+    Raises :class:`UsageError` (one line) on anything that would fail later.
+    """
+    from ..results import size_label
+    from .runner import QualityOptions
+
+    resume = getattr(ns, "resume", None) is not None
+    prev: dict[str, Any] = _previous_settings(Path(ns.resume)) if resume else {}
+    if resume and ns.out is not None and Path(ns.out).resolve() != Path(ns.resume).resolve():
+        raise UsageError(f"--resume {ns.resume} writes into that folder; drop --out {ns.out}")
+
+    given: dict[str, Any] = {
+        "data": ns.data, "size": size_label(ns.size) if ns.size is not None else None,
+        "modalities": ns.modalities, "train_steps": ns.train_steps, "batch": ns.batch, "lr": ns.lr,
+        "seed": ns.seed, "eval_t": ns.eval_t, "samples": ns.samples, "sample_steps": ns.sample_steps,
+        "noise_draws": ns.noise_draws, "heldout_fraction": ns.heldout_fraction,
+        "synthetic_volumes": ns.synthetic_volumes, "max_volumes": ns.max_volumes, "precision": ns.precision,
+        "device": ns.device,
+    }
+    if resume:
+        for k, v in given.items():
+            if v is None or k not in prev:
+                continue
+            old = prev[k]
+            same = (str(v) == str(old)) if k in ("device", "data") else (v == old or json.dumps(v) == json.dumps(old))
+            if k == "device" and str(v).lower() == "auto":
+                same = True
+            if not same:
+                flag = "--" + k.replace("_", "-")
+                raise UsageError(
+                    f"--resume {ns.resume} was run with {flag} {_show(old)}; drop {flag} {_show(v)} or start a new --out"
+                )
+
+    def pick(key: str, default: Any) -> Any:
+        v = given.get(key)
+        if v is not None:
+            return v
+        if key in prev and prev[key] is not None:
+            return prev[key]
+        return default
+
+    models = ns.models or (prev.get("models") if resume else None) or _default_models()
+    if resume and ns.models:  # a resumed run may add models (they train on the same budget)
+        models = list(dict.fromkeys(list(prev.get("models") or []) + list(ns.models)))
+    models = _check_models(list(models))
+
+    device = _resolve_device(pick("device", None))
+    precision = str(pick("precision", "fp32")).lower()
+    _check_precision(precision, device)
+
+    if ns.preset is None and resume and isinstance(prev.get("presets"), dict):
+        presets = {m: prev["presets"].get(m, DEFAULT_PRESET) for m in models}
+        _parse_presets(",".join(f"{m}={p}" for m, p in presets.items()), models)
+    else:
+        presets = _parse_presets(ns.preset, models)
+        if resume and isinstance(prev.get("presets"), dict):
+            for m, p in presets.items():
+                if m in prev["presets"] and prev["presets"][m] != p:
+                    raise UsageError(f"--resume {ns.resume} ran {m} at preset {prev['presets'][m]}; drop --preset or start a new --out")
+
+    from ..results import parse_size
+
+    size = ns.size if ns.size is not None else parse_size(str(pick("size", DEFAULT_SIZE)))
+    _check_sizes(size, models, presets)
+
+    data = str(pick("data", "synthetic"))
+    if data.lower() == "synthetic":
+        data = "synthetic"
+    else:
+        p = Path(data)
+        if not p.exists():
+            raise UsageError(f"--data {data}: no such folder (give a folder of NIfTI volumes or 'synthetic')")
+        if not p.is_dir():
+            raise UsageError(f"--data {data}: not a folder (give a folder of NIfTI volumes or 'synthetic')")
+    modalities = pick("modalities", None)
+    if modalities is not None and data == "synthetic":
+        raise UsageError("--modalities needs --data DIR in the BraTS layout; the synthetic volumes have one channel")
+
+    eval_t = list(pick("eval_t", list(DEFAULT_EVAL_T)))
+    samples = int(pick("samples", DEFAULT_SAMPLES))
+    sample_steps = int(pick("sample_steps", DEFAULT_SAMPLE_STEPS))
+    from ..diffusion import NUM_TRAIN_TIMESTEPS
+
+    if sample_steps > NUM_TRAIN_TIMESTEPS:
+        raise UsageError(f"--sample-steps {sample_steps} exceeds the {NUM_TRAIN_TIMESTEPS} training timesteps; valid: 1..{NUM_TRAIN_TIMESTEPS}")
+
+    if resume:
+        out = Path(ns.resume)
+    elif ns.out is not None:
+        out = Path(ns.out)
+    else:
+        out = Path("reports") / f"quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out, resume=resume)
+
+    return QualityOptions(
+        models=models,
+        presets=presets,
+        size=tuple(size),
+        data=data,
+        modalities=list(modalities) if modalities else None,
+        train_steps=int(pick("train_steps", DEFAULT_TRAIN_STEPS)),
+        batch=int(pick("batch", DEFAULT_BATCH)),
+        lr=float(pick("lr", DEFAULT_LR)),
+        seed=int(pick("seed", DEFAULT_SEED)),
+        eval_t=eval_t,
+        noise_draws=int(pick("noise_draws", DEFAULT_NOISE_DRAWS)),
+        samples=samples,
+        sample_steps=sample_steps,
+        heldout_fraction=float(pick("heldout_fraction", DEFAULT_HELDOUT_FRACTION)),
+        synthetic_volumes=int(pick("synthetic_volumes", DEFAULT_SYNTHETIC_VOLUMES)),
+        max_volumes=pick("max_volumes", None),
+        device=device,
+        precision=precision,
+        out=out,
+        resume=resume,
+    )
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Validate ``ns``, run the quality benchmark, return the exit code (2 on bad input, one line on stderr)."""
+    from ..data import DataError
+
+    try:
+        opts = options_from_namespace(ns)
+        from .runner import QualityRun
+
+        qr = QualityRun(opts)
+        qr.prepare()  # loads and splits the data: its errors are bad input too
+    except (UsageError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return qr.run()
