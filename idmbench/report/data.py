@@ -1,8 +1,9 @@
-"""Read a run folder into plain data for the report: results.csv, run.json, budgets.csv, quality.csv, samples/.
+"""Read a run folder into plain data for the report: results.csv (a sweep), run.json, budgets.csv, and a
+quality run's quality.csv, training.csv and samples/.
 
-The report reads only these files, never live objects, so any old run can be re-reported. Missing
-optional files and missing keys are tolerated; what could not be read is listed in ``RunData.notes``
-so the page can say so.
+The report reads only these files, never live objects, so any old run can be re-reported. A folder needs a
+sweep (results.csv) or a quality run (quality.csv or training.csv), or both; every other file and key is
+optional, and what could not be read is listed in ``RunData.notes`` so the page can say so.
 """
 
 from __future__ import annotations
@@ -10,18 +11,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from idmbench.results import read_rows, parse_size
+from idmbench.results import STATUS_OK, STATUS_PREDICTED, STATUSES, parse_size, read_rows
 
 #: the model the headline compares against every other one
 REFERENCE_MODEL = "idm"
-#: statuses that mean "this configuration did not produce a measurement"
-FAILED = ("oom", "error", "timeout")
+#: statuses that mean "this configuration did not produce a measurement" (every known status but ok/predicted)
+FAILED = tuple(s for s in STATUSES if s not in (STATUS_OK, STATUS_PREDICTED))
+#: numeric columns of quality.csv (the quality run's agreed format)
+QUALITY_NUMERIC = (
+    "train_steps", "t", "psnr", "ssim", "mae", "psnr_std", "ssim_std", "mae_std", "n_volumes", "n_noise", "data_range",
+    "params", "batch", "lr", "seed", "train_time_s", "train_energy_j", "energy_per_param_j", "peak_train_mem_bytes",
+    "final_loss",
+)
+#: sample images are named <model>_sample<k>.png
+SAMPLE_NAME = re.compile(r"^(?P<model>.+)_sample(?P<k>\d+)\.png$")
 #: numeric columns of ResultRow (read as float, NaN when empty)
 NUMERIC = (
     "params", "peak_mem_bytes", "predicted_peak_bytes", "step_time_s", "step_time_iqr_s", "voxels_per_s",
@@ -40,7 +50,14 @@ class RunData:
     ``frame`` has one row per results.csv row (every column of ``ResultRow``) plus:
     ``label`` (model, or ``model [preset]`` when a model ran with several presets), ``voxels_n``
     (voxels of the volume), ``side`` (cube side, or the cube root of the voxel count for a
-    ``DxHxW`` size; voxels), ``size_order`` (sort key) and ``row_id`` (0-based row number in the CSV).
+    ``DxHxW`` size; voxels), ``size_order`` (sort key) and ``row_id`` (0-based row number in the CSV);
+    it is empty (``has_sweep`` False) for a folder with a quality run only.
+
+    ``quality`` is quality.csv (numbers as float, NaN when empty), ``training`` training.csv (model,
+    preset, step, loss, seconds), ``samples`` the sample PNGs in model, then sample order;
+    ``model_info`` is run.json's ``model_info`` (model -> what ``ModelSpec.describe`` wrote: description,
+    family, settings, source, attention, recipe, prediction, network_input), empty for older runs;
+    ``quality_meta`` is run.json's ``quality`` object.
     """
 
     run_dir: Path
@@ -48,14 +65,43 @@ class RunData:
     meta: dict[str, Any]
     budgets: pd.DataFrame | None = None
     quality: pd.DataFrame | None = None
+    training: pd.DataFrame | None = None
     samples: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     reference: str = REFERENCE_MODEL
+    has_sweep: bool = True
+    model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quality_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
         """Model labels in run order (run.json's ``models`` first, then as they appear in the CSV)."""
         return model_order(self.frame, self.meta)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether any figure of this run involved a CUDA device (the sweep's rows, run.json, the quality run)."""
+        devices = set(self.frame["device"]) | {str(self.meta.get("device") or ""),
+                                               str(self.quality_meta.get("device") or "")}
+        if self.quality is not None and "device" in self.quality.columns:
+            devices |= {str(d) for d in self.quality["device"]}
+        return any(d.startswith("cuda") for d in devices)
+
+    @property
+    def has_quality(self) -> bool:
+        return (self.quality is not None and len(self.quality) > 0) or \
+            (self.training is not None and len(self.training) > 0) or bool(self.samples)
+
+    def finished(self) -> str:
+        """When the run's data was complete, from the data itself (run.json, else the newest row's
+        timestamp); '' when nothing says. The page shows this instead of the time it was built, so
+        rebuilding a report from the same files gives the same bytes."""
+        stamps = [str(x) for x in (self.meta.get("finished"), self.quality_meta.get("finished")) if x]
+        if not stamps:
+            for frame in (self.frame, self.quality):
+                if frame is not None and "timestamp" in frame.columns:
+                    stamps += [str(t) for t in frame["timestamp"] if isinstance(t, str) and t]
+        return max(stamps) if stamps else ""
 
 
 def _voxels(size: str, recorded: Any) -> float:
@@ -144,13 +190,38 @@ def _read_csv(path: Path, notes: list[str]) -> pd.DataFrame | None:
         return None
 
 
+def _frame_numeric(df: pd.DataFrame | None, cols: tuple[str, ...]) -> pd.DataFrame | None:
+    if df is None:
+        return None
+    for col in cols:
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce")
+    return df
+
+
+def _sample_key(path: Path, models: list[str]) -> tuple[int, str, int, str]:
+    m = SAMPLE_NAME.match(path.name)
+    if not m:
+        return (len(models) + 1, "", 0, path.name)
+    model = m.group("model")
+    rank = models.index(model) if model in models else len(models)
+    return (rank, model, int(m.group("k")), path.name)
+
+
 def load_run(run_dir: str | Path) -> RunData:
-    """Read ``run_dir``. Raises ValueError (one line) when it holds no results.csv."""
+    """Read ``run_dir``. Raises ValueError (one line) when it does not exist or holds neither a sweep
+    (results.csv) nor a quality run (quality.csv / training.csv)."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ValueError(f"{run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder (give the run folder that holds results.csv or quality.csv)")
     results = run_dir / "results.csv"
-    if not results.is_file():
-        raise ValueError(f"no results.csv in {run_dir}: not an idmbench run folder (run `python run_bench.py` first)")
-    frame = rows_frame(read_rows(results))
+    quality_files = [run_dir / "quality.csv", run_dir / "training.csv"]
+    if not results.is_file() and not any(p.is_file() for p in quality_files):
+        raise ValueError(f"no results.csv or quality.csv in {run_dir}: not an idmbench run folder "
+                         "(run `python run_bench.py` or `python run_bench.py quality` first)")
+    frame = rows_frame(read_rows(results) if results.is_file() else [])
     notes: list[str] = []
 
     meta: dict[str, Any] = {}
@@ -161,21 +232,31 @@ def load_run(run_dir: str | Path) -> RunData:
             if isinstance(loaded, dict):
                 meta = loaded
             else:
-                notes.append("run.json is not a JSON object; run details come from results.csv only")
+                notes.append("run.json is not a JSON object; run details come from the CSV files only")
         except (OSError, ValueError) as exc:
-            notes.append(f"run.json could not be read ({type(exc).__name__}); run details come from results.csv only")
+            notes.append(f"run.json could not be read ({type(exc).__name__}); run details come from the CSV files only")
     else:
-        notes.append("no run.json in this folder; run details come from results.csv only")
+        notes.append("no run.json in this folder; run details come from the CSV files only")
 
     budgets = _read_csv(run_dir / "budgets.csv", notes)
     if budgets is not None and not {"model", "budget", "largest_side"} <= set(budgets.columns):
         notes.append("budgets.csv lacks the columns model, budget, largest_side; it is not shown")
         budgets = None
-    quality = _read_csv(run_dir / "quality.csv", notes)
+    quality = _frame_numeric(_read_csv(run_dir / "quality.csv", notes), QUALITY_NUMERIC)
+    training = _frame_numeric(_read_csv(run_dir / "training.csv", notes), ("step", "loss", "seconds"))
+    if training is not None and not {"model", "step", "loss"} <= set(training.columns):
+        notes.append("training.csv lacks the columns model, step, loss; the loss curves are not shown")
+        training = None
+    qmeta = meta.get("quality") if isinstance(meta.get("quality"), dict) else {}
+    info = meta.get("model_info") if isinstance(meta.get("model_info"), dict) else {}
+    info = {str(k): v for k, v in info.items() if isinstance(v, dict)}
     samples_dir = run_dir / "samples"
-    samples = sorted(samples_dir.glob("*.png")) if samples_dir.is_dir() else []
-    return RunData(run_dir=run_dir, frame=frame, meta=meta, budgets=budgets, quality=quality, samples=samples,
-                   notes=notes)
+    models = [str(m) for m in (qmeta.get("models") or [])] if isinstance(qmeta.get("models"), list) else []
+    if quality is not None and "model" in quality.columns:
+        models += [m for m in dict.fromkeys(quality["model"]) if m not in models]
+    samples = sorted(samples_dir.glob("*.png"), key=lambda p: _sample_key(p, models)) if samples_dir.is_dir() else []
+    return RunData(run_dir=run_dir, frame=frame, meta=meta, budgets=budgets, quality=quality, training=training,
+                   samples=samples, notes=notes, has_sweep=results.is_file(), model_info=info, quality_meta=qmeta)
 
 
 def size_text(size: str) -> str:

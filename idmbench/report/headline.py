@@ -1,9 +1,11 @@
 """The headline: peak training memory of every model per volume size, IDM's reduction against each
-baseline (as % and ×), a few sentences that say it in words, and the largest trainable cube per GPU
-memory budget.
+baseline (as % and ×), a few sentences that say it in words, and (from :mod:`.budgets`) the largest
+trainable cube per GPU memory budget.
 
 Reduction = 1 − IDM / baseline (positive: IDM needs less); factor × = baseline / IDM. A figure that
-is predicted rather than measured is marked "(pred.)"; a comparison involving one is marked too.
+is predicted rather than measured is marked "(pred.)"; a comparison involving one is marked too. Each
+baseline is compared as it ran; where run.json's ``model_info`` says a baseline ran in a configuration
+its users would not pick (MONAI's naive attention path), the sentence says so.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import pandas as pd
-
+from .budgets import budget_table, paper_hint
 from .data import MemCell, RunData, memory_cells, size_order, size_text
 from .tables import Table
-from ..units import GPU_SIZES_GIB, GiB, fmt_bytes, fmt_num, is_missing
+from ..units import fmt_bytes, fmt_num
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Headline:
     table: Table | None = None
     budgets: Table | None = None
     budget_note: str = ""
+    budget_hint: str = ""  # the command for the paper-size networks when the run used other presets
 
 
 def _figure(cell: MemCell | None, unit: tuple[str, int] | None = None) -> tuple[str, str]:
@@ -125,6 +127,8 @@ def build_headline(run: RunData) -> Headline:
     ref = refs[0] if refs else None
     bases = [lab for lab in labels if lab not in refs]
     h.budgets, h.budget_note = budget_table(run, cells)
+    if h.budgets is not None:
+        h.budget_hint = paper_hint({r[1] for r in h.budgets.rows})
     if not cells:
         h.sentences.append("No training rows in this run, so there is no peak training memory to compare.")
         return h
@@ -161,128 +165,20 @@ def build_headline(run: RunData) -> Headline:
                            "training memory.")
     for b in bases:
         if ref:
-            h.sentences.append(_baseline_sentence(ref, b, sizes, cells))
+            h.sentences.append(_baseline_sentence(ref, b, sizes, cells) + _config_note(run, b))
     return h
+
+
+def _config_note(run: RunData, label: str) -> str:
+    """A clause when run.json's model_info says this baseline ran on MONAI's naive attention path."""
+    info = run.model_info.get(label.split(" [")[0]) or {}
+    settings = info.get("settings") if isinstance(info.get("settings"), dict) else {}
+    if settings.get("use_flash_attention") is False:
+        return (f" Note: {label} ran with use_flash_attention=False (MONAI's naive attention, which materialises "
+                "the N×N attention matrix), not the SDPA path its users switch to first.")
+    return ""
 
 
 def _ok(cell: MemCell | None) -> bool:
     """A cell with a usable (positive) memory figure that did not fail."""
     return cell is not None and not cell.failed and cell.bytes is not None and cell.bytes > 0
-
-
-def _cube(side: object) -> str:
-    if is_missing(side):
-        return "none fits"
-    try:
-        return f"{int(float(side))}³"  # type: ignore[arg-type]
-    except ValueError:
-        return str(side)
-
-
-def budget_table(run: RunData, cells: dict[tuple[str, str], MemCell]) -> tuple[Table | None, str]:
-    """The largest trainable cube per memory budget: from budgets.csv when present (a search over every
-    side the model accepts), else from this run's own cube sizes (a coarse bound). Returns (table, note)."""
-    b = run.budgets
-    if b is not None and len(b):
-        presets = b.groupby("model")["preset"].nunique() if "preset" in b.columns else None
-        b = b.assign(_label=[
-            f"{m} [{p}]" if presets is not None and presets.get(m, 1) > 1 else m
-            for m, p in zip(b["model"], b["preset"] if "preset" in b.columns else [""] * len(b))
-        ])
-        if "budget_bytes" in b.columns:  # the harness wrote each budget's bytes next to its label
-            budgets = list(b.sort_values("budget_bytes", kind="stable")["budget"].drop_duplicates())
-        else:
-            budgets = list(dict.fromkeys(b["budget"]))
-        labels = list(dict.fromkeys(b["_label"]))
-        has_notes = "note" in b.columns and (b["note"].fillna("").str.strip() != "").any()
-        rows = []
-        for lab in labels:
-            row = [lab]
-            for bud in budgets:
-                hit = b[(b["_label"] == lab) & (b["budget"] == bud)]
-                if not len(hit):
-                    row.append("—")
-                    continue
-                rec = hit.iloc[-1]
-                peak = rec.get("peak_at_largest_bytes", "")
-                capped = str(rec.get("capped", "")).strip().lower() in ("true", "1", "yes")
-                text = ("≥ " if capped and not is_missing(rec["largest_side"]) else "") + _cube(rec["largest_side"])
-                if not is_missing(peak) and not is_missing(rec["largest_side"]):
-                    text += f" ({fmt_bytes(float(peak), ('GiB', GiB), with_unit=True)})"
-                row.append(text)
-            mine = b[b["_label"] == lab]
-            srcs = sorted({str(x) for x in mine["source"]} - {""}) if "source" in b.columns else []
-            row.append(", ".join(srcs) or "predicted")
-            if has_notes:
-                row.append("; ".join(dict.fromkeys(n for n in mine["note"].fillna("").str.strip() if n)))
-            rows.append(row)
-        header = ["model"] + [f"budget {bud}" for bud in budgets] + ["source"] + (["note"] if has_notes else [])
-        caption = "largest cube side whose training peak fits each budget (peak at that side in brackets)"
-        col = len(budgets) + 1
-        if len({r[col] for r in rows}) == 1:  # one source for all: say it once
-            caption += f"; source: {rows[0][col]}"
-            header.pop(col)
-            rows = [r[:col] + r[col + 1:] for r in rows]
-        table = Table(header=header, rows=rows, numeric=set(range(1, len(budgets) + 1)), caption=caption)
-        ctx = _budget_context(b) or _context(run)
-        ctx_txt = (f" The peak in brackets includes the CUDA context/workspace constant of {ctx / 2**20:,.0f} MiB "
-                   "(assumed, not measured) that the search adds to the prediction.") if ctx else ""
-        return table, ("From budgets.csv: for each budget, the largest cube side the model accepts whose "
-                       "predicted training peak (FakeTensorMode) fits, searched over every valid side; “≥” means "
-                       "the search stopped at its largest side and bigger cubes may fit too." + ctx_txt)
-
-    train = [(k, c) for k, c in cells.items() if _ok(c) and _is_cube(k[1])]
-    if not train:
-        return None, ("No budgets.csv in this folder and no cube sizes with a training memory figure; run with "
-                      "--budget 16GiB,24GiB,40GiB,80GiB for the largest trainable cube per budget.")
-    labels = [lab for lab in run.labels if any(k[0] == lab for k, _ in train)]
-    ctx = _context(run)
-    rows = []
-    for lab in labels:
-        mine = [(c.side, k[1], c) for k, c in cells.items() if k[0] == lab and _is_cube(k[1])]
-        mine.sort(key=lambda t: t[0])
-        row = [lab]
-        for gib in GPU_SIZES_GIB:
-            fits = [(side, s, c) for side, s, c in mine if _ok(c) and c.bytes + ctx <= gib * GiB]  # type: ignore[operator]
-            if not fits:
-                row.append(f"< {int(mine[0][0])}³" if mine else "—")
-                continue
-            side, s, c = fits[-1]
-            bigger = [t for t in mine if t[0] > side]
-            mark = "" if bigger else "≥ "
-            row.append(f"{mark}{int(side)}³ ({fmt_bytes(c.bytes, ('GiB', GiB), True)}{'' if c.measured else ', pred.'})")
-        rows.append(row)
-    table = Table(header=["model"] + [f"budget {g} GiB" for g in GPU_SIZES_GIB], rows=rows,
-                  numeric=set(range(1, len(GPU_SIZES_GIB) + 1)),
-                  caption="largest cube of this run whose training peak fits each budget")
-    ctx_txt = (f"plus the CUDA context constant of {ctx / 2**20:,.0f} MiB from run.json" if ctx
-               else "the CUDA context is not included")
-    return table, ("No budgets.csv in this folder, so this is a coarse bound from this run's own cube sizes "
-                   f"(peak measured where run, else predicted; {ctx_txt}): “≥” means the largest size run "
-                   "still fits, “<” that even the smallest did not. Run with --budget for a search over every "
-                   "side.")
-
-
-def _budget_context(b: pd.DataFrame) -> int:
-    """The context constant budgets.csv says it added (bytes), 0 when it does not say."""
-    if "context_bytes" not in b.columns:
-        return 0
-    vals = pd.to_numeric(b["context_bytes"], errors="coerce").dropna()
-    return int(vals.max()) if len(vals) else 0
-
-
-def _context(run: RunData) -> int:
-    """The CUDA context constant recorded in run.json (bytes), 0 when absent."""
-    try:
-        return max(0, int(run.meta.get("cuda_context_overhead_bytes") or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _is_cube(size: str) -> bool:
-    return "x" not in str(size).lower()
-
-
-def frame_of(table: Table) -> pd.DataFrame:
-    """A Table as a DataFrame (for Markdown and tests)."""
-    return pd.DataFrame(table.rows, columns=table.header)

@@ -1,8 +1,11 @@
-"""The report's tables: every results row (one table per phase), the memory detail of every row, and
-the quality results. Built with pandas; cells are plain text (the HTML template escapes them).
+"""The report's tables: every results row (one table per phase), the memory detail of every row, the
+failures and the per-row notes. Built with pandas; cells are plain text (the HTML template escapes them).
 
-Units are in the headers: bytes as MiB or GiB (one unit per column), seconds, joules per step,
-millions of voxels per second, GFLOP per step, millions of parameters.
+One unit convention for the page: every byte figure carries its own binary unit in the cell (``35.3 MiB``,
+``1.72 GiB``, ``2.04 TiB``, three significant digits, via :mod:`idmbench.units`); the other units are in
+the headers: seconds, joules per step, millions of voxels per second (the voxels the network processes:
+patch voxels for patch-trained models, image voxels represented for a wavelet model), GFLOP per step,
+millions of parameters. A column no row has a value for is left out and named in the caption.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ from typing import Callable
 
 import pandas as pd
 
-from .data import RunData, model_order, phase_order, size_order, size_text
-from ..units import byte_unit, fmt_bytes, fmt_num, is_missing
+from .data import FAILED, RunData, model_order, phase_order, size_order, size_text
+from ..results import STATUS_PREDICTED, STATUSES
+from ..units import fmt_bytes, fmt_num, is_missing
 
-#: statuses that get their own CSS class (anything else is "status-other")
-KNOWN_STATUSES = ("ok", "predicted", "oom", "error", "timeout")
+#: the column description of voxels_per_s, shared by the table header note and the throughput plot
+THROUGHPUT_MEANING = ("voxels the network processes per second (patch voxels for patch-trained models; image "
+                      "voxels represented for the wavelet model)")
 
 
 @dataclass
 class Table:
     """A table ready to render: ``header`` and ``rows`` are text, ``numeric`` lists the column indices
-    to right-align, ``row_classes`` one CSS class per row, ``cell_classes`` optional per-cell classes."""
+    to right-align, ``wrap`` the columns of running text, ``row_classes`` one CSS class per row,
+    ``cell_classes`` optional per-cell classes."""
 
     header: list[str]
     rows: list[list[str]]
@@ -30,16 +36,55 @@ class Table:
     numeric: set[int] = field(default_factory=set)
     row_classes: list[str] = field(default_factory=list)
     cell_classes: list[list[str]] | None = None
+    wrap: set[int] = field(default_factory=set)  # columns of running text, wrapped instead of kept on one line
 
     def cls(self, i: int, j: int) -> str:
-        parts = ["num"] if j in self.numeric else []
+        parts = ["num"] if j in self.numeric else (["text"] if j in self.wrap else [])
         if self.cell_classes and self.cell_classes[i][j]:
             parts.append(self.cell_classes[i][j])
         return " ".join(parts)
 
 
 def status_class(status: str) -> str:
-    return f"status-{status}" if status in KNOWN_STATUSES else "status-other"
+    """CSS class of a row: ``status-<s>`` for a known status (``idmbench.results.STATUSES``), plus ``failed``
+    for every status that produced no measurement."""
+    base = f"status-{status}" if status in STATUSES else "status-other"
+    return base + (" failed" if status in FAILED else "")
+
+
+def _mem(v: object) -> str:
+    """Bytes in their own unit, the number and unit kept on one line (a no-break space)."""
+    return fmt_bytes(v, None, with_unit=True).replace(" ", "\u00a0")
+
+
+Column = tuple[str, Callable[[pd.Series], str], bool]
+
+
+def _build(columns: list[Column], sub: pd.DataFrame, caption: str, keep_first: int,
+           say_once: tuple[str, ...] = ()) -> Table:
+    """A Table of ``sub`` with ``columns``; columns past the first ``keep_first`` that are empty in every
+    row are left out and named in the caption; a ``say_once`` column whose non-empty cells all hold one
+    value is left out and that value said in the caption instead (more room for the numbers)."""
+    rows = [[fn(rec) for _, fn, _ in columns] for _, rec in sub.iterrows()]
+    keep = [j for j in range(len(columns)) if j < keep_first or any(r[j] for r in rows)]
+    dropped = [columns[j][0] for j in range(len(columns)) if j not in keep]
+    once = []
+    for j in list(keep):
+        values = {r[j] for r in rows if r[j]}
+        if columns[j][0] in say_once and len(values) == 1:
+            keep.remove(j)
+            once.append(f"{columns[j][0]}: {values.pop()} for every row that has one")
+    if once and rows:
+        caption += "; " + "; ".join(once)
+    if dropped and rows:
+        caption += "; no row has a value for: " + ", ".join(dropped)
+    return Table(
+        header=[columns[j][0] for j in keep],
+        rows=[[r[j] for j in keep] for r in rows],
+        numeric={i for i, j in enumerate(keep) if columns[j][2]},
+        row_classes=[status_class(s) for s in sub["status"]],
+        caption=caption,
+    )
 
 
 def _sorted(frame: pd.DataFrame, run: RunData) -> pd.DataFrame:
@@ -72,6 +117,11 @@ def _net(rec: pd.Series) -> str:
     return "" if text == size_text(rec["size"]) else text
 
 
+def _step_time(rec: pd.Series) -> str:
+    median, iqr = fmt_num(rec["step_time_s"]), fmt_num(rec["step_time_iqr_s"])
+    return f"{median} ({iqr})" if median and iqr else median
+
+
 def _why(rec: pd.Series) -> str:
     parts = [str(rec["error"]).strip(), str(rec["notes"]).strip()]
     return " · ".join(p for p in parts if p)
@@ -79,60 +129,47 @@ def _why(rec: pd.Series) -> str:
 
 def results_tables(run: RunData) -> list[tuple[str, Table]]:
     """One ``(phase, Table)`` per phase: every row of results.csv, failures included, in model, size order."""
+    columns: list[Column] = [
+        ("model", lambda r: r["model"], False),
+        ("preset", lambda r: r["preset"], False),
+        ("volume (voxels)", lambda r: size_text(r["size"]), False),
+        ("status", lambda r: r["status"], False),
+        ("network sees (voxels)", _net, False),
+        ("peak memory", lambda r: _mem(r["peak_mem_bytes"]), True),
+        ("memory source", lambda r: "" if r["status"] == STATUS_PREDICTED else r["mem_source"], False),
+        ("predicted peak", lambda r: _mem(r["predicted_peak_bytes"]), True),
+        ("measured / predicted", lambda r: _ratio(r["prediction_ratio"]), True),
+        ("step time, median (IQR) (s)", _step_time, True),
+        ("throughput (Mvoxel/s)", lambda r: _scaled(1e6)(r["voxels_per_s"]), True),
+        ("energy (J/step)", lambda r: fmt_num(r["energy_j_per_step"]), True),
+        ("energy source", lambda r: "" if r["energy_source"] == "none" else r["energy_source"], False),
+        ("compute (GFLOP/step)", lambda r: _scaled(1e9)(r["flops_per_step"]), True),
+        ("error", lambda r: str(r["error"]).strip(), False),
+    ]
     out = []
     for phase in phase_order(run.frame):
         sub = _sorted(run.frame[run.frame["phase"] == phase], run)
-        mem_unit = byte_unit(list(sub["peak_mem_bytes"]) + list(sub["predicted_peak_bytes"]))
-        columns: list[tuple[str, Callable[[pd.Series], str], bool]] = [
-            ("model", lambda r: r["model"], False),
-            ("preset", lambda r: r["preset"], False),
-            ("volume (voxels)", lambda r: size_text(r["size"]), False),
-            ("network sees (voxels)", _net, False),
-            ("status", lambda r: r["status"], False),
-            (f"peak memory ({mem_unit[0]})", lambda r: fmt_bytes(r["peak_mem_bytes"], mem_unit), True),
-            ("memory source", lambda r: r["mem_source"], False),
-            (f"predicted peak ({mem_unit[0]})", lambda r: fmt_bytes(r["predicted_peak_bytes"], mem_unit), True),
-            ("measured / predicted", lambda r: _ratio(r["prediction_ratio"]), True),
-            ("step time, median (s)", lambda r: fmt_num(r["step_time_s"]), True),
-            ("step time, IQR (s)", lambda r: fmt_num(r["step_time_iqr_s"]), True),
-            ("throughput (Mvoxel/s)", lambda r: _scaled(1e6)(r["voxels_per_s"]), True),
-            ("energy (J/step)", lambda r: fmt_num(r["energy_j_per_step"]), True),
-            ("energy source", lambda r: r["energy_source"], False),
-            ("compute (GFLOP/step)", lambda r: _scaled(1e9)(r["flops_per_step"]), True),
-            ("parameters (M)", lambda r: _scaled(1e6)(r["params"]), True),
-            ("error", lambda r: str(r["error"]).strip(), False),
-        ]
-        table = Table(
-            header=[c[0] for c in columns],
-            rows=[[fn(rec) for _, fn, _ in columns] for _, rec in sub.iterrows()],
-            numeric={i for i, c in enumerate(columns) if c[2]},
-            row_classes=[status_class(s) for s in sub["status"]],
-            caption=f"{phase}: {len(sub)} row(s) of results.csv",
-        )
-        out.append((phase, table))
+        out.append((phase, _build(columns, sub, f"{phase}: {len(sub)} row(s) of results.csv", keep_first=4,
+                                  say_once=("memory source", "energy source"))))
     return out
 
 
 def detail_table(run: RunData) -> Table:
     """Every row's memory breakdown and provenance: activations, allocator reserved, NVML used, RSS,
-    energy window, batch, precision, timed/warm-up steps, wall time and timestamp."""
+    energy window, parameters, batch, precision, timed/warm-up steps, wall time and timestamp."""
     sub = _sorted(run.frame, run)
-    unit = byte_unit(
-        list(sub["activation_bytes"]) + list(sub["predicted_activation_bytes"]) + list(sub["reserved_bytes"])
-        + list(sub["nvml_used_bytes"]) + list(sub["rss_peak_bytes"])
-    )
-    u = unit[0]
-    columns: list[tuple[str, Callable[[pd.Series], str], bool]] = [
+    columns: list[Column] = [
         ("model", lambda r: r["model"], False),
         ("volume (voxels)", lambda r: size_text(r["size"]), False),
         ("phase", lambda r: r["phase"], False),
         ("status", lambda r: r["status"], False),
-        (f"activations ({u})", lambda r: fmt_bytes(r["activation_bytes"], unit), True),
-        (f"predicted activations ({u})", lambda r: fmt_bytes(r["predicted_activation_bytes"], unit), True),
-        (f"CUDA reserved ({u})", lambda r: fmt_bytes(r["reserved_bytes"], unit), True),
-        (f"NVML used, incl. context ({u})", lambda r: fmt_bytes(r["nvml_used_bytes"], unit), True),
-        (f"process peak RSS ({u})", lambda r: fmt_bytes(r["rss_peak_bytes"], unit), True),
+        ("activations", lambda r: _mem(r["activation_bytes"]), True),
+        ("predicted activations", lambda r: _mem(r["predicted_activation_bytes"]), True),
+        ("CUDA reserved", lambda r: _mem(r["reserved_bytes"]), True),
+        ("NVML used, incl. context", lambda r: _mem(r["nvml_used_bytes"]), True),
+        ("process peak RSS", lambda r: _mem(r["rss_peak_bytes"]), True),
         ("energy window (s)", lambda r: fmt_num(r["energy_window_s"]), True),
+        ("parameters (M)", lambda r: _scaled(1e6)(r["params"]), True),
         ("batch", lambda r: _int(r["batch"]), True),
         ("precision", lambda r: r["precision"], False),
         ("timed steps", lambda r: _int(r["steps"]), True),
@@ -142,24 +179,12 @@ def detail_table(run: RunData) -> Table:
         ("device", lambda r: r["device_name"] or r["device"], False),
         ("finished", lambda r: r["timestamp"], False),
     ]
-    rows = [[fn(rec) for _, fn, _ in columns] for _, rec in sub.iterrows()]
-    keep = [j for j, c in enumerate(columns) if j < 4 or any(r[j] for r in rows)]
-    dropped = [columns[j][0] for j in range(len(columns)) if j not in keep]
-    caption = f"memory breakdown and provenance of all {len(sub)} row(s)"
-    if dropped:
-        caption += "; no row has a value for: " + ", ".join(dropped)
-    return Table(
-        header=[columns[j][0] for j in keep],
-        rows=[[r[j] for j in keep] for r in rows],
-        numeric={i for i, j in enumerate(keep) if columns[j][2]},
-        row_classes=[status_class(s) for s in sub["status"]],
-        caption=caption,
-    )
+    return _build(columns, sub, f"memory breakdown and provenance of all {len(sub)} row(s)", keep_first=4)
 
 
 def failures_table(run: RunData) -> Table | None:
-    """The rows that did not produce a measurement (oom, error, timeout), with their reason; None if none."""
-    sub = _sorted(run.frame[run.frame["status"].isin(("oom", "error", "timeout"))], run)
+    """The rows that did not produce a measurement (every failed status), with their reason; None if none."""
+    sub = _sorted(run.frame[run.frame["status"].isin(FAILED)], run)
     if not len(sub):
         return None
     return Table(
@@ -185,22 +210,3 @@ def notes_table(run: RunData) -> Table | None:
         row_classes=[status_class(s) for s in sub["status"]],
         caption=f"notes recorded with {len(sub)} row(s)",
     )
-
-
-def quality_table(run: RunData) -> Table | None:
-    """quality.csv as it is (any columns), numbers to about four significant digits; None when absent."""
-    q = run.quality
-    if q is None:
-        return None
-    numeric = set()
-    rows = [[str(v) for v in rec] for rec in q.itertuples(index=False)]
-    for j, col in enumerate(q.columns):
-        vals = pd.to_numeric(q[col].replace("", None), errors="coerce")
-        if col == "size" or not vals.notna().any() or vals.notna().sum() != (q[col] != "").sum():
-            continue  # labels, empty columns and mixed text stay as written
-        numeric.add(j)
-        integral = bool(((vals.dropna() % 1) == 0).all())
-        for i, v in enumerate(vals):
-            rows[i][j] = "" if is_missing(v) else (f"{int(v):,}" if integral else fmt_num(v, 4))
-    return Table(header=[str(c) for c in q.columns], rows=rows, numeric=numeric,
-                 caption=f"quality.csv: {len(q)} row(s)")
