@@ -2,7 +2,11 @@
 
 ``unet`` is ``monai.networks.nets.DiffusionModelUNet(spatial_dims=3, ...)`` -- the network medical-imaging
 users actually train -- with input checks in front of it so that a bad volume fails with a one-line
-``ValueError`` instead of a tensor-size mismatch deep inside MONAI.
+``ValueError`` instead of a tensor-size mismatch deep inside MONAI. Its attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (MONAI's ``use_flash_attention=True``: flash /
+memory-efficient kernels on CUDA, no N x N matrix stored) in every preset, as users run it once they hit
+out-of-memory; ``use_flash_attention=False`` (MONAI's default, the materialised attention matrix) is an
+override. Both paths share the parameters and compute the same function.
 
 ``unet-ckpt`` is the *same class with the same parameter names* (a ``unet`` state_dict loads into it),
 whose forward reproduces ``DiffusionModelUNet.forward`` but wraps every down block, the middle block,
@@ -27,20 +31,25 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch.utils.checkpoint import checkpoint
 
-from idmbench.registry import ModelSpec
+from idmbench.registry import ModelSpec, register
+
+from .checks import check_model_input
 
 #: Presets. ``attention_levels`` may be ``"last"`` / ``"none"`` / ``"all"`` so that overriding ``channels``
 #: with a different number of levels keeps working; an explicit tuple of bools is accepted too.
 #: ``num_head_channels`` defaults to one attention head per level over that level's full width.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # tests: ~75 k parameters; a training step at 16^3 takes a few tens of milliseconds on one CPU core
-    "tiny": dict(channels=(4, 8, 12), attention_levels="last", num_res_blocks=1, norm_num_groups=4),
+    "tiny": dict(channels=(4, 8, 12), attention_levels="last", num_res_blocks=1, norm_num_groups=4, use_flash_attention=True),
     # CPU default: ~1.9 M parameters, like the IDM and PatchDDM small presets
-    "small": dict(channels=(24, 32, 48), attention_levels="last", num_res_blocks=2, norm_num_groups=8),
+    "small": dict(channels=(24, 32, 48), attention_levels="last", num_res_blocks=2, norm_num_groups=8, use_flash_attention=True),
     # MONAI 3D DDPM tutorial: channels (64, 64, 128), attention at the last level only with one head over
     # its full width (the tutorial's num_head_channels (0, 0, C_last)), 2 res blocks, 32 norm groups
-    "paper": dict(channels=(64, 64, 128), attention_levels="last", num_res_blocks=2, norm_num_groups=32),
+    "paper": dict(channels=(64, 64, 128), attention_levels="last", num_res_blocks=2, norm_num_groups=32, use_flash_attention=True),
 }
+# Every preset runs MONAI's attention through torch SDPA (``use_flash_attention=True``): MONAI's default
+# (False) materialises the N x N attention matrix, and switching it on is the first fix MONAI's maintainers
+# give for out-of-memory reports. ``use_flash_attention=False`` stays available as an override.
 
 DEFAULT_PRESET = "small"
 
@@ -104,8 +113,6 @@ class DiffusionUNet3D(DiffusionModelUNet):
             ``torch.utils.checkpoint`` while gradients are enabled (the ``unet-ckpt`` baseline).
         bottleneck_attention: keep the self-attention MONAI always puts in the middle block (``False``
             replaces it by the identity, as PatchDDM-3D's reference settings do).
-        network_in_channels: channels the first convolution takes (default ``in_channels``; PatchDDM adds 3
-            coordinate channels).
         **monai_kwargs: passed to ``DiffusionModelUNet`` (``channels``, ``attention_levels``, ...).
     """
 
@@ -117,12 +124,11 @@ class DiffusionUNet3D(DiffusionModelUNet):
         name: str = "unet",
         checkpoint_blocks: bool = False,
         bottleneck_attention: bool = True,
-        network_in_channels: int | None = None,
         **monai_kwargs: Any,
     ) -> None:
         super().__init__(
             spatial_dims=3,
-            in_channels=in_channels if network_in_channels is None else network_in_channels,
+            in_channels=in_channels,
             out_channels=out_channels,
             **monai_kwargs,
         )
@@ -139,26 +145,7 @@ class DiffusionUNet3D(DiffusionModelUNet):
     # ------------------------------------------------------------------ checks
     def check_input(self, x: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
         """Raise a one-line ``ValueError`` for a bad ``x`` / ``timesteps``; return timesteps as a (B,) tensor."""
-        name = self.model_name
-        if not torch.is_tensor(x) or x.ndim != 5:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{name}: x must be a 5-D tensor (B, C, D, H, W); got shape {shape}")
-        if x.shape[1] != self.image_channels:
-            raise ValueError(
-                f"{name}: x must have {self.image_channels} channel(s) (B, {self.image_channels}, D, H, W); "
-                f"got shape {tuple(x.shape)}"
-            )
-        size = tuple(int(s) for s in x.shape[2:])
-        d = self.divisor
-        if any(s % d for s in size):
-            raise ValueError(f"{name} needs every side divisible by {d}; got {size}; valid sides: {d}, {2 * d}, {4 * d}, ...")
-        b = x.shape[0]
-        t = timesteps if torch.is_tensor(timesteps) else torch.as_tensor(timesteps, device=x.device)
-        if t.ndim == 0:
-            t = t.reshape(1)
-        if t.ndim != 1 or t.shape[0] not in (1, b):
-            raise ValueError(f"{name}: timesteps must have shape ({b},) or (1,); got {tuple(t.shape)}")
-        return t.expand(b) if t.shape[0] != b else t
+        return check_model_input(self.model_name, x, timesteps, channels=self.image_channels, divisor=self.divisor)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +154,7 @@ class DiffusionUNet3D(DiffusionModelUNet):
         return self.run_network(x, timesteps, context)
 
     def run_network(self, h: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet itself on already-checked inputs (``h`` has ``network_in_channels`` channels)."""
+        """The UNet itself on already-checked inputs."""
         if self.checkpoint_blocks and torch.is_grad_enabled():
             return self._checkpointed_forward(h, timesteps, context)
         return DiffusionModelUNet.forward(self, h, timesteps, context)
@@ -234,15 +221,35 @@ def _build(name: str, in_channels: int, out_channels: int, *, checkpoint_blocks:
     )
 
 
+def unet_attention(cfg: dict[str, Any]) -> str:
+    """The attention implementation a ``unet`` / ``unet-ckpt`` / MONAI-based config runs, for the report."""
+    merged = {**UNET_PRESETS[DEFAULT_PRESET], **cfg}
+    n = len(tuple(merged["channels"]))
+    levels = attention_levels_for(merged.get("attention_levels", "none"), n)
+    # MONAI always builds the middle block's attention unless ``bottleneck_attention=False`` removes it
+    if not any(levels) and merged.get("bottleneck_attention", True) is False:
+        return "none"
+    return "sdpa" if merged.get("use_flash_attention", False) else "naive (materialised N×N)"
+
+
+UNET_SOURCES = {
+    "paper": "MONAI 3D DDPM tutorial (channels 64,64,128, attention at the last level with one head over its width, "
+    "2 res blocks, 32 norm groups) with use_flash_attention=True (torch SDPA)",
+    "small": "parameter-matched (±5 %) to the other models' small preset; use_flash_attention=True (torch SDPA)",
+    "tiny": "test size; use_flash_attention=True (torch SDPA)",
+}
+
 UNET_SPEC = ModelSpec(
     name="unet",
     build=build_unet,
     presets=UNET_PRESETS,
     divisor=unet_divisor,
     recipe="full",
-    description="MONAI DiffusionModelUNet (3D), plain autograd: the standard 3D diffusion UNet",
+    description="MONAI DiffusionModelUNet (3D), plain autograd, SDPA attention: the standard 3D diffusion UNet",
     family="unet",
     extra={"library": "monai.networks.nets.DiffusionModelUNet"},
+    attention=unet_attention,
+    sources=UNET_SOURCES,
 )
 
 UNET_CKPT_SPEC = ModelSpec(
@@ -254,14 +261,19 @@ UNET_CKPT_SPEC = ModelSpec(
     description="the same MONAI UNet with activation checkpointing per down/middle/up block (use_reentrant=False)",
     family="unet",
     extra={"library": "monai.networks.nets.DiffusionModelUNet + torch.utils.checkpoint"},
+    attention=unet_attention,
+    sources={k: v + "; torch.utils.checkpoint (non-reentrant) around every down/middle/up block and the head" for k, v in UNET_SOURCES.items()},
 )
+
+register(UNET_SPEC)
+register(UNET_CKPT_SPEC)
 
 
 def register() -> ModelSpec:
-    """Entry point ``unet``."""
+    """The ``unet`` spec (registered on import; usable as an entry-point target too)."""
     return UNET_SPEC
 
 
 def register_ckpt() -> ModelSpec:
-    """Entry point ``unet-ckpt``."""
+    """The ``unet-ckpt`` spec (registered on import; usable as an entry-point target too)."""
     return UNET_CKPT_SPEC

@@ -377,3 +377,124 @@ def test_bad_build_options_raise_clear_errors():
     # overriding the number of levels keeps the preset's "attention at the last level"
     m = idmbench.create_model("unet", preset="tiny", channels=(4, 8))
     assert tuple(m.attention_levels) == (False, True) and m.divisor == 2
+
+
+# ------------------------------------------------------------------------------------ attention (issue 9)
+
+
+def _attention_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """MONAI's self-attention modules (``SABlock``) inside ``model``."""
+    return [m for m in model.modules() if type(m).__name__ == "SABlock"]
+
+
+@pytest.mark.parametrize("name", ["unet", "unet-ckpt"])
+def test_monai_baselines_run_attention_through_sdpa_by_default(name):
+    for preset in ("tiny", "small", "paper"):
+        assert idmbench.get_spec(name).config(preset)["use_flash_attention"] is True
+    blocks = _attention_blocks(idmbench.create_model(name, preset="tiny"))
+    assert blocks and all(b.use_flash_attention for b in blocks)
+    naive = _attention_blocks(idmbench.create_model(name, preset="tiny", use_flash_attention=False))
+    assert naive and not any(b.use_flash_attention for b in naive)
+    info = idmbench.get_spec(name).describe(idmbench.get_spec(name).config("small"))
+    assert info["attention"] == "sdpa" and "use_flash_attention=True" in info["source"]
+    off = idmbench.get_spec(name).describe(idmbench.get_spec(name).config("small", use_flash_attention=False))
+    assert off["attention"] == "naive (materialised N×N)" and off["overrides"] == {"use_flash_attention": False}
+
+
+def test_sdpa_and_naive_attention_give_the_same_output_and_gradients():
+    """Same weights, float32: the SDPA path and MONAI's materialised-matrix path agree to <= 1e-5 (output) and
+    give the same gradients."""
+    torch.manual_seed(0)
+    sdpa = idmbench.create_model("unet", preset="tiny")
+    with torch.no_grad():  # MONAI zero-initialises the head and the attention output: un-zero them
+        for p in sdpa.parameters():
+            if not p.abs().sum():
+                p.normal_(0.0, 0.05)
+    naive = idmbench.create_model("unet", preset="tiny", use_flash_attention=False)
+    naive.load_state_dict(sdpa.state_dict(), strict=True)
+    x = torch.randn(2, 1, SIDE, SIDE, SIDE)
+    t = torch.tensor([30, 800])
+    outs, grads = [], []
+    for m in (sdpa, naive):
+        y = m(x, t)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append([p.grad for p in m.parameters()])
+    assert (outs[0] - outs[1]).norm() <= 1e-5 * outs[1].norm()
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
+    assert (flat[0] - flat[1]).norm() <= 1e-5 * flat[1].norm()
+    attn = [n for n, _ in sdpa.named_parameters() if ".attn." in n]
+    assert attn  # the attention weights themselves get the same gradients
+    by_name = [dict(zip([n for n, _ in m.named_parameters()], gs)) for m, gs in zip((sdpa, naive), grads)]
+    scale = flat[1].norm()  # (the key bias's true gradient is 0: softmax ignores a shift shared by all keys)
+    for n in attn:
+        assert (by_name[0][n] - by_name[1][n]).norm() <= 1e-4 * by_name[1][n].norm() + 1e-7 * scale, n
+
+
+@pytest.mark.slow
+def test_sdpa_lowers_the_predicted_training_peak_of_unet_small_at_64():
+    from idmbench.measure.predict import Predictor
+
+    peaks = {}
+    for flash in (True, False):
+        p = Predictor("unet", "small", flops=False, overrides={"use_flash_attention": flash}).predict((64, 64, 64), "train")
+        assert p.ok, p.error
+        peaks[flash] = p.peak_bytes
+    # the naive path stores the (heads, N, N) attention matrix of the 16^3-token level: 4096^2 x 4 B = 64 MiB
+    # per copy; SDPA does not
+    assert peaks[True] < peaks[False] - 64 * 2**20, peaks
+
+
+# ------------------------------------------------------------------------- PatchDDM-3D as published, sizes
+
+
+def test_patchddm_is_the_guided_diffusion_unet_with_additive_skips():
+    from baselines.gdunet import GDUNet3D
+
+    p = idmbench.create_model("patchddm", preset="tiny")
+    assert isinstance(p, GDUNet3D) and p.additive_skips
+    for preset in ("tiny", "small", "paper"):
+        cfg = idmbench.get_spec("patchddm").config(preset)
+        assert cfg["additive_skips"] is True and cfg["attention_levels"] == "none" and cfg["bottleneck_attention"] is False
+    assert idmbench.get_spec("patchddm").describe(idmbench.get_spec("patchddm").config("paper"))["attention"] == "none"
+
+
+def test_small_presets_are_parameter_matched():
+    """Every model's ``small`` preset within ±5 % of both ``unet`` small and ``idm`` small."""
+    counts = {n: idmbench.count_parameters(idmbench.create_model(n, preset="small")) for n in idmbench.list_models()
+              if "small" in idmbench.get_spec(n).presets}
+    for ref in ("unet", "idm"):
+        for n, c in counts.items():
+            assert abs(c - counts[ref]) <= 0.05 * counts[ref], (n, c, ref, counts[ref])
+
+
+@pytest.mark.parametrize("preset, side", [("tiny", 16), ("small", 32)])
+def test_patchddm_training_step_runs_for_each_preset(preset, side):
+    model = idmbench.create_model("patchddm", preset=preset)
+    loss = D.training_step(model, D.make_optimizer(model), blob(side), D.make_train_scheduler(), spec="patchddm",
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.tensor(loss))
+
+
+@pytest.mark.slow
+def test_patchddm_paper_training_step_is_predicted():
+    """The reference network at its smallest side (128^3: 64^3 patches) on fake tensors."""
+    from idmbench.measure.predict import Predictor
+
+    p = Predictor("patchddm", "paper", flops=False).predict((128, 128, 128), "train")
+    assert p.ok, p.error
+    assert tuple(p.net_shape) == (64, 64, 64)
+    assert p.peak_bytes >= 4 * 4 * 24_257_167  # parameters, gradients, two AdamW moments
+
+
+def test_network_shape_and_voxels_follow_the_recipe():
+    pd, un = idmbench.get_spec("patchddm"), idmbench.get_spec("unet")
+    cfg = pd.config("paper")
+    assert pd.network_shape((256, 256, 256), cfg, "train") == (128, 128, 128)
+    assert pd.network_shape((256, 256, 256), cfg, "sample") == (256, 256, 256)
+    assert pd.network_voxels((256, 256, 256), cfg, "train") == 128**3
+    assert pd.network_voxels((256, 256, 256), cfg, "sample") == 256**3
+    assert pd.network_channels(cfg) == 4 and un.network_channels(un.config("small")) == 1
+    assert un.network_shape((32, 64, 32), un.config("small"), "train") == (32, 64, 32)
+    with pytest.raises(ValueError, match=r"unknown phase 'eval'; valid phases: train, sample"):
+        un.network_shape((32, 32, 32), un.config("small"), "eval")
