@@ -107,17 +107,14 @@ def measured_activation(name: str, preset: str, side: int, **overrides: Any) -> 
     """Activation peak (bytes) of one real forward + backward on CPU tensors (live-tensor accounting)."""
     import torch
 
-    from .diffusion import global_coordinates
     from .measure.memory import training_activation_bytes
     from .registry import create_model, get_spec
 
     spec = get_spec(name)
     torch.manual_seed(0)
     model = create_model(name, preset=preset, **overrides)
-    size = spec.train_shape((side,) * 3, spec.config(preset, **overrides))
-    x = torch.randn((1, 1) + tuple(size))
-    kw = {"coords": global_coordinates(tuple(size))} if spec.recipe == "patch" else {}
-    return int(training_activation_bytes(model, x, torch.tensor([500]), **kw).activation_bytes)
+    ex = spec.probe_example((side,) * 3, spec.config(preset, **overrides))  # the recipe's training input (patch + coords, ...)
+    return int(training_activation_bytes(model, ex.x0, torch.tensor([500]), **ex.model_kwargs).activation_bytes)
 
 
 def predicted_activation(name: str, preset: str, side: int, **overrides: Any) -> int:

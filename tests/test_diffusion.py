@@ -224,3 +224,101 @@ def test_registered_models_run_the_shared_step():
         model = idmbench.create_model(name, preset="tiny")
         loss = D.training_step(model, D.make_optimizer(model), torch.randn(1, 1, 8, 8, 8), D.make_train_scheduler(), spec=name, generator=torch.Generator().manual_seed(0))
         assert math.isfinite(loss)
+
+
+# ------------------------------------------------------------------- prediction targets, x0, recipes (issue 9, 14.3)
+
+X0 = ModelSpec(name="pointwise-x0", build=lambda **k: PointwiseModel(), presets={"tiny": {}}, divisor=lambda c: 2, prediction="sample")
+WAVE = ModelSpec(name="pointwise-wave", build=lambda **k: PointwiseModel(), presets={"tiny": {}}, divisor=lambda c: 2, recipe="wavelet")
+
+
+def test_schedulers_take_the_prediction_type():
+    assert D.make_sample_scheduler(3, prediction_type="sample").prediction_type == "sample"
+    assert D.make_train_scheduler(prediction_type="sample").prediction_type == "sample"
+    with pytest.raises(ValueError, match=r"unknown prediction_type 'v'; valid: epsilon, sample"):
+        D.make_sample_scheduler(3, prediction_type="v")
+
+
+def test_x0_models_regress_the_clean_example():
+    """With out = x_t the loss must be exactly MSE(x_t, x0) for an x0-prediction spec."""
+    sched = D.make_train_scheduler()
+    x0 = torch.randn(2, 1, 4, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([3, 600])
+    loss = D.diffusion_loss(Identity(), x0, sched, spec=X0, noise=noise, timesteps=t)
+    x_t = sched.add_noise(x0, noise, t)
+    assert torch.allclose(loss, F.mse_loss(x_t, x0))
+    assert X0.prediction_type == "sample" and FULL.prediction_type == "epsilon"
+
+
+def test_the_wavelet_recipe_diffuses_and_regresses_the_encoded_volume():
+    sched = D.make_train_scheduler()
+    x0 = torch.randn(1, 1, 4, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100])
+    z0 = D.RECIPES["wavelet"].encode(x0)
+    assert not torch.allclose(z0, x0)
+    loss = D.diffusion_loss(Identity(), x0, sched, spec=WAVE, noise=noise, timesteps=t)
+    assert torch.allclose(loss, F.mse_loss(sched.add_noise(z0, noise, t), z0))
+    assert torch.allclose(D.noisy_input(x0, noise, t, sched, spec=WAVE), sched.add_noise(z0, noise, t))
+
+
+class Oracle(nn.Module):
+    """Returns the true noise (epsilon) or the true clean state (x0), to check predict_x0 exactly."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x, timesteps, context=None):
+        return self.target
+
+
+@pytest.mark.parametrize("spec", [FULL, X0, WAVE], ids=["epsilon", "x0", "wavelet"])
+def test_predict_x0_recovers_the_clean_volume_from_a_perfect_model(spec):
+    sched = D.make_train_scheduler()
+    x0 = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([10, 900])
+    x_t = D.noisy_input(x0, noise, t, sched, spec=spec)
+    target = noise if spec.prediction_type == "epsilon" else spec.get_recipe().encode(x0)
+    x0_hat = D.predict_x0(Oracle(target), x_t, t, sched, spec=spec)
+    assert torch.allclose(x0_hat, x0, atol=1e-9), float((x0_hat - x0).abs().max())
+
+
+def test_sample_uses_the_specs_prediction_type_and_data_map():
+    """An x0 model predicting 0: the single DDIM step (final alpha 1) lands on x0_hat = 0, mapped back (0)."""
+    zero = PointwiseModel()
+    nn.init.zeros_(zero.conv.weight)
+    nn.init.zeros_(zero.conv.bias)
+    out = D.sample(zero, (1, 1, 4, 4, 4), num_inference_steps=1, spec=X0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, torch.zeros_like(out))
+    eps = D.sample(zero, (1, 1, 4, 4, 4), num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert eps.abs().sum() > 0  # the same model read as epsilon-prediction: x_t / sqrt(a_t)
+    with pytest.raises(ValueError, match=r"sample: the scheduler predicts 'epsilon' but pointwise-x0 predicts 'sample'"):
+        D.sample(zero, (1, 1, 4, 4, 4), spec=X0, scheduler=D.make_sample_scheduler(2))
+
+
+def test_register_recipe_takes_objects_and_functions(monkeypatch):
+    from idmbench.recipes import FullVolume
+
+    class Mine(FullVolume):
+        name = "mine"
+
+    monkeypatch.setitem(D.RECIPES, "mine", None)
+    r = D.register_recipe(Mine(), overwrite=True)
+    assert D.RECIPES["mine"] is r
+    with pytest.raises(ValueError, match=r"a recipe named 'mine' is already registered"):
+        D.register_recipe(Mine())
+    spec = ModelSpec(name="m", build=lambda **k: PointwiseModel(), presets={}, divisor=lambda c: 1, recipe="mine")
+    assert D.training_example(spec, torch.zeros(1, 1, 2, 2, 2)).x0.shape == (1, 1, 2, 2, 2)
+
+
+def test_patch_coordinates_equal_the_slice_of_the_global_grid():
+    from idmbench.recipes import patch_coordinates
+
+    full = D.global_coordinates((6, 5, 7), 2)
+    part = patch_coordinates((6, 5, 7), (2, 1, 3), (3, 4, 4), 2)
+    assert torch.equal(part, full[:, :, 2:5, 1:5, 3:7])
+    with pytest.raises(ValueError, match="does not fit in the volume"):
+        patch_coordinates((6, 5, 7), (4, 0, 0), (3, 4, 4))

@@ -11,7 +11,7 @@ import idmbench
 from idmbench import registry
 from idmbench.registry import ModelSpec
 
-BASELINES = {"unet", "unet-ckpt", "patchddm"}
+BASELINES = {"unet", "unet-ckpt", "patchddm", "wdm"}
 
 
 class Net(nn.Module):
@@ -92,10 +92,13 @@ def test_count_parameters_counts_trainable_elements():
 def test_baselines_come_in_through_their_entry_points(fresh_registry):
     from baselines import patchddm, unet
 
+    from baselines import wdm
+
     fresh_registry(
         FakeEntryPoint("unet", unet.register),
         FakeEntryPoint("unet-ckpt", unet.register_ckpt),
         FakeEntryPoint("patchddm", patchddm.register),
+        FakeEntryPoint("wdm", wdm.register),
     )
     for name in BASELINES:
         registry.unregister(name)
@@ -174,3 +177,131 @@ def test_check_size_and_valid_sides():
         patch.check_size((12, 16, 16), {})
     with pytest.raises(ValueError, match=r"patchy: patch_fraction must be in \(0, 1\]; got 0.0"):
         patch.check_size((16, 16, 16), {"patch_fraction": 0.0})
+
+
+# ------------------------------------------------------------------------------- issue 14.2 / 14.3 / 11
+
+
+def test_list_models_names_every_built_in():
+    assert {"idm", "patchddm", "unet", "unet-ckpt", "wdm"} <= set(idmbench.list_models())
+    assert all(idmbench.get_spec(n).source == "builtin" for n in ("idm", "patchddm", "unet", "unet-ckpt", "wdm"))
+
+
+def test_a_failing_plugin_is_logged_as_one_warning_line(fresh_registry, caplog):
+    fresh_registry(FakeEntryPoint("broken", ImportError("No module named 'nowhere'")), FakeEntryPoint("odd", lambda: 42))
+    with caplog.at_level("WARNING", logger="idmbench.registry"):
+        names = idmbench.list_models()
+    assert "broken" not in names and "odd" not in names
+    msgs = [r.getMessage() for r in caplog.records if r.name == "idmbench.registry"]
+    assert len(msgs) == 2 and all("\n" not in m for m in msgs)
+    assert "'broken'" in msgs[0] and "ImportError: No module named 'nowhere'" in msgs[0]
+    assert "'odd'" in msgs[1] and "returned int, expected a ModelSpec" in msgs[1]
+    caplog.clear()
+    idmbench.list_models()  # loaded once: no repeated warnings
+    assert not [r for r in caplog.records if r.name == "idmbench.registry"]
+
+
+def _project_imports(path) -> set[str]:
+    """Modules of this project a file imports (absolute ``idmbench``/``baselines`` names, relative imports resolved)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] in ("idmbench", "baselines")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = "idmbench" + ("." + node.module if node.module else "")
+                out |= {base} if node.module else {f"idmbench.{a.name}" for a in node.names}
+            elif node.module and node.module.split(".")[0] in ("idmbench", "baselines"):
+                out.add(node.module)
+    return out
+
+
+def test_registry_and_recipes_are_leaves():
+    """timm's rule: the registry never imports a model (nor anything that does); recipes import torch only."""
+    from pathlib import Path
+
+    pkg = Path(idmbench.__file__).parent
+    assert _project_imports(pkg / "registry.py") <= {"idmbench.recipes"}
+    assert _project_imports(pkg / "recipes.py") == set()
+
+
+def test_built_ins_are_listed_once_not_as_entry_points():
+    """One source of truth: the package imports the model modules; pyproject declares no built-in entry point."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(idmbench.__file__).parent.parent
+    eps = tomllib.loads((root / "pyproject.toml").read_text())["project"].get("entry-points", {}).get(registry.ENTRY_POINT_GROUP, {})
+    assert not set(eps) & {"idm", "unet", "unet-ckpt", "patchddm", "wdm"}
+    registry_src = (Path(idmbench.__file__).parent / "registry.py").read_text()
+    assert "baselines.unet" not in registry_src and "baselines.patchddm" not in registry_src
+
+
+def test_specs_take_recipe_objects_and_plugin_recipes_need_no_other_edit(monkeypatch):
+    """A latent-style recipe (the network at S/4, 4 channels) registered by a plugin: the spec's sizes,
+    shapes, voxels and description follow it with no change elsewhere."""
+    from idmbench import recipes
+
+    class Quarter(recipes.Recipe):
+        name = "quarter"
+        prediction_type = "sample"
+
+        def valid_sides(self, spec, cfg):
+            return 4 * self.divisor(spec, cfg)
+
+        def check_size(self, spec, size, cfg):
+            m = self.valid_sides(spec, cfg)
+            if any(s % m for s in size):
+                raise ValueError(f"{spec.name} needs every side divisible by {m}; got {size}")
+
+        def network_shape(self, spec, size, cfg, phase):
+            return tuple(s // 4 for s in size)
+
+        def network_channels(self, spec, cfg, in_channels=1):
+            return 4
+
+    monkeypatch.setitem(recipes.RECIPES, "quarter", None)  # removed after the test
+    recipes.register_recipe(Quarter(), overwrite=True)
+    by_name = ModelSpec(name="lat", build=Net, presets={"small": {}}, divisor=lambda c: 2, recipe="quarter")
+    by_object = ModelSpec(name="lat2", build=Net, presets={"small": {}}, divisor=lambda c: 2, recipe=Quarter())
+    for spec in (by_name, by_object):
+        assert spec.recipe == "quarter" and spec.prediction_type == "sample"
+        assert spec.valid_sides({}) == 8 and spec.network_shape((32, 32, 64), {}, "train") == (8, 8, 16)
+        assert spec.network_channels({}) == 4 and spec.network_voxels((32, 32, 32), {}, "sample") == 32**3
+        with pytest.raises(ValueError, match=r"needs every side divisible by 8; got \(32, 32, 12\)"):
+            spec.check_size((32, 32, 12), {})
+    with pytest.raises(ValueError, match=r"unknown recipe 'nope'; valid: full, patch, wavelet"):
+        ModelSpec(name="x", build=Net, presets={}, divisor=lambda c: 1, recipe="nope").valid_sides({})
+    with pytest.raises(ValueError, match=r"prediction must be one of epsilon, sample; got 'v'"):
+        ModelSpec(name="x", build=Net, presets={}, divisor=lambda c: 1, prediction="v")
+
+
+def test_fallback_preset_policy():
+    pd = idmbench.get_spec("patchddm")
+    preset, note = pd.fallback_preset([64, 128, 256], "paper")
+    assert preset == "small"
+    assert note == ("patchddm's default preset paper needs sides that are multiples of 128; "
+                    "using preset small for patchddm (pass --preset to choose)")
+    assert pd.fallback_preset([128, 256], "paper") == ("paper", None)
+    assert pd.fallback_preset([(256, 256, 128)], "paper") == ("paper", None)
+    assert idmbench.get_spec("unet").fallback_preset([64, 128], "paper") == ("paper", None)
+    assert pd.fallback_preset([12], "small") == ("small", None)  # nothing fits: the size check will say why
+    with pytest.raises(ValueError, match=r"model 'patchddm' has no preset 'huge'; valid presets: paper, small, tiny"):
+        pd.fallback_preset([64], "huge")
+
+
+@pytest.mark.parametrize("name", ["idm", "unet", "unet-ckpt", "patchddm", "wdm"])
+def test_describe_is_json_serialisable_and_complete(name):
+    import json
+
+    spec = idmbench.get_spec(name)
+    info = spec.describe(spec.config("small"))
+    assert json.loads(json.dumps(info)) == info
+    assert set(info) >= {"description", "family", "settings", "source", "attention", "recipe", "prediction", "network_input"}
+    assert info["preset"] == "small" and info["overrides"] == {} and info["recipe"] == spec.recipe
+    assert info["prediction"] in ("epsilon", "sample") and info["description"] == spec.description
+    if name != "idm":
+        assert info["source"] and info["attention"] in ("sdpa", "none")

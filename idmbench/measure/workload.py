@@ -125,10 +125,10 @@ def make_workload(state: ModelState, size: tuple[int, int, int], batch: int = 1)
                 model, opt, x0, sched, spec=spec, cfg=cfg, autocast_dtype=ac, grad_scaler=scaler
             )
 
-        return Workload(state, size, int(batch), train_step, (model, opt, x0), state.spec.train_shape(size, state.cfg))
+        return Workload(state, size, int(batch), train_step, (model, opt, x0), state.spec.network_shape(size, state.cfg, "train"))
 
     with unset_fake_temporarily():  # its timesteps are read as Python ints
-        sched = diffusion.make_sample_scheduler()
+        sched = diffusion.make_sample_scheduler(prediction_type=state.spec.prediction_type)
         t = int(sched.timesteps[0])
     x = torch.randn(shape, device=dev)
     tt = torch.full((int(batch),), t, dtype=torch.long, device=dev)
@@ -144,4 +144,4 @@ def make_workload(state: ModelState, size: tuple[int, int, int], batch: int = 1)
             prev, _ = sched.step(eps.to(x.dtype), t, x)
         return prev
 
-    return Workload(state, size, int(batch), sample_step, (model, x, tt), tuple(size))
+    return Workload(state, size, int(batch), sample_step, (model, x, tt), state.spec.network_shape(size, state.cfg, "sample"))
