@@ -41,21 +41,8 @@ DEFAULT_SYNTHETIC_VOLUMES = 8
 DEFAULT_PRESET = "small"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-#: settings that define the training/scoring budget: a resumed run keeps them (run.json), and a flag
-#: given again with another value is refused (rows of two budgets would be mixed in one table)
-BUDGET_KEYS = (
-    "data", "size", "modalities", "train_steps", "batch", "lr", "seed", "eval_t", "samples", "sample_steps",
-    "noise_draws", "heldout_fraction", "synthetic_volumes", "max_volumes", "precision", "device",
-)
-
-try:  # the top-level CLI's error type, when it has one, so a central handler also recognises ours
-    from ..cli import UsageError as _BaseUsageError  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - the top-level CLI is being restructured
-    _BaseUsageError = ValueError  # type: ignore[assignment,misc]
-
-
-class UsageError(_BaseUsageError):  # type: ignore[misc,valid-type]
-    """Bad input to ``quality``: printed as one ``error: ...`` line, exit code 2."""
+class UsageError(ValueError):
+    """Bad input to ``quality``: :func:`run` prints it as one ``error: ...`` line and returns exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------------
