@@ -2,6 +2,11 @@
 
 The report and the check read only these files, never live objects, so any old run can be re-reported.
 Units are in the names: ``*_bytes`` bytes, ``*_s`` seconds, ``*_j_*`` joules.
+
+``results.csv`` is append-only: :func:`append_row` writes and fsyncs one row the moment a config
+finishes, so a sweep killed at any point keeps every finished row; :func:`repair_csv` drops the
+half-written last line such a kill can leave, and :func:`done_keys` tells a resumed sweep what it need
+not redo.
 """
 
 from __future__ import annotations
@@ -9,18 +14,24 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
 
 #: row status values
 STATUS_OK = "ok"  # measured (and predicted where possible)
 STATUS_PREDICTED = "predicted"  # not run for real: memory/FLOPs from fake tensors only
-STATUS_OOM = "oom"
-STATUS_ERROR = "error"
-STATUS_TIMEOUT = "timeout"
-STATUSES = (STATUS_OK, STATUS_PREDICTED, STATUS_OOM, STATUS_ERROR, STATUS_TIMEOUT)
+STATUS_OOM = "oom"  # an allocation failed (CUDA OOM, the --cpu-memory-limit cap, the kernel's OOM killer)
+STATUS_ERROR = "error"  # any other failure, with a one-line reason
+STATUS_TIMEOUT = "timeout"  # over --timeout: the worker was killed
+STATUS_KILLED = "killed"  # the worker died of SIGKILL and nothing shows that memory was the cause
+STATUSES = (STATUS_OK, STATUS_PREDICTED, STATUS_OOM, STATUS_ERROR, STATUS_TIMEOUT, STATUS_KILLED)
+#: statuses of a config that ran and did not produce figures
+FAILED_STATUSES = (STATUS_OOM, STATUS_ERROR, STATUS_TIMEOUT, STATUS_KILLED)
 
 #: where a memory figure came from
 MEM_SOURCES = ("cuda-allocator", "cpu-tensors", "predicted")
@@ -33,9 +44,13 @@ class ResultRow:
     """One (model, preset, size, phase) measurement.
 
     Memory: ``peak_mem_bytes`` is the peak over one step of everything the step holds (parameters,
-    gradients, optimiser state, activations, temporaries), from ``mem_source``. ``activation_bytes``
-    is that peak minus parameters, gradients and optimiser state. ``predicted_*`` come from the same
-    step run on fake tensors (no allocation). ``prediction_ratio`` = measured / predicted peak.
+    gradients, optimiser state, activations, temporaries), from ``mem_source`` (one of
+    :data:`MEM_SOURCES`). ``activation_bytes`` is that peak minus parameters, the gradients of all
+    trainable parameters (training), optimiser state and buffers
+    (:attr:`idmbench.measure.memory.MemoryPeak.activation_bytes`, the one definition). ``predicted_*``
+    come from the same step run on fake tensors (no allocation). ``prediction_ratio`` = measured /
+    predicted peak. ``voxels_per_s`` counts the image voxels the network processes per step (a patch
+    for PatchDDM). ``warmup`` is the number of warm-up steps actually run (0 for a predicted row).
     """
 
     model: str
@@ -60,7 +75,7 @@ class ResultRow:
     batch: int = 1
     precision: str = "fp32"
     steps: int = 0  # timed steps
-    warmup: int = 0
+    warmup: int = 0  # warm-up steps run (0: nothing ran, e.g. a predicted row)
     activation_bytes: int | None = None
     predicted_activation_bytes: int | None = None
     prediction_ratio: float | None = None
@@ -132,13 +147,48 @@ def read_rows(path: str | os.PathLike) -> list[ResultRow]:
     return rows
 
 
+def repair_csv(path: str | os.PathLike) -> bool:
+    """Drop a half-written last line (a sweep killed mid-write) so the file parses; True if it cut one."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n")
+    with open(path, "r+b") as fh:
+        fh.truncate(cut + 1 if cut >= 0 else 0)
+    logger.warning("%s: dropped a half-written last line (%d bytes) left by an interrupted write",
+                   path, len(data) - (cut + 1))
+    return True
+
+
+def done_keys(path: str | os.PathLike) -> set[tuple[str, str, str, str]]:
+    """Keys (model, preset, size, phase) of rows with a final status already in ``results.csv``."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    return {r.key() for r in read_rows(path) if r.status in STATUSES}
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as indented JSON, atomically (a temporary file replaced in one step), so a reader
+    or a kill never sees half a file (``run.json``)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def size_label(shape: Iterable[int]) -> str:
+    """``(64, 64, 64)`` -> ``"64"``; ``(32, 64, 64)`` -> ``"32x64x64"``."""
     shape = tuple(int(s) for s in shape)
     return str(shape[0]) if len(set(shape)) == 1 else "x".join(map(str, shape))
+
+
+def size_text(label: str) -> str:
+    """A size label for people: ``"64"`` -> ``"64^3"``; ``"32x64x64"`` unchanged."""
+    return f"{label}^3" if "x" not in str(label) else str(label)
 
 
 def parse_size(text: str) -> tuple[int, int, int]:

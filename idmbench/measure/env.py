@@ -1,14 +1,32 @@
-"""The environment a figure was measured in: software versions, device, driver, CPU model, git revision."""
+"""The environment a figure was measured in: software versions, device, driver, CPU model, git revision.
+
+Every probe returns a plain value and never raises; a probe that fails returns ``""`` (or a fallback)
+and says so once, with the reason, as a warning on this module's logger (the sweep shows warnings on the
+terminal and keeps everything in ``DIR/logs/sweep.log``).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import platform
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(what: str, reason: str) -> None:
+    """Log that probe ``what`` failed, once per (probe, reason)."""
+    logger.warning("%s unavailable: %s", what, reason)
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def cpu_model() -> str:
@@ -17,16 +35,16 @@ def cpu_model() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError as exc:
+        logger.debug("/proc/cpuinfo unreadable (%s); asking py-cpuinfo", _why(exc))
     try:
         import cpuinfo  # py-cpuinfo, a codecarbon dependency
 
         name = cpuinfo.get_cpu_info().get("brand_raw", "")
         if name:
             return str(name)
-    except Exception:
-        pass
+    except Exception as exc:  # noqa: BLE001 - py-cpuinfo runs platform tools that fail in many ways
+        _say_once("CPU model name (py-cpuinfo)", _why(exc))
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
@@ -39,6 +57,7 @@ def git_revision(path: str | os.PathLike | None = None) -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
         )
         if rev.returncode != 0:
+            logger.debug("not a git checkout (%s): no git revision recorded", cwd)
             return ""
         out = rev.stdout.strip()
         dirty = subprocess.run(
@@ -47,7 +66,8 @@ def git_revision(path: str | os.PathLike | None = None) -> str:
         if dirty.returncode == 0 and dirty.stdout.strip():
             out += "-dirty"
         return out
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        _say_once("git revision", _why(exc))
         return ""
 
 
@@ -57,7 +77,8 @@ def total_ram_bytes() -> int:
         import psutil
 
         return int(psutil.virtual_memory().total)
-    except Exception:
+    except (ImportError, OSError) as exc:
+        _say_once("psutil total RAM", _why(exc) + "; using sysconf")
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -67,14 +88,15 @@ def available_ram_bytes() -> int:
         import psutil
 
         return int(psutil.virtual_memory().available)
-    except Exception:
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ImportError, OSError) as exc:
+        _say_once("psutil available RAM", _why(exc) + "; reading /proc/meminfo")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError as exc:
+        _say_once("/proc/meminfo", _why(exc) + "; using sysconf free pages")
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def nvidia_driver_version() -> str:
@@ -88,7 +110,8 @@ def nvidia_driver_version() -> str:
             return v.decode() if isinstance(v, bytes) else str(v)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - ImportError or an NVMLError (no common base without pynvml)
+        _say_once("NVIDIA driver version (NVML)", _why(exc))
         return ""
 
 
@@ -99,7 +122,8 @@ def device_name(device: str) -> str:
 
         try:
             return torch.cuda.get_device_name(torch.device(device))
-        except Exception:
+        except (RuntimeError, AssertionError) as exc:  # no CUDA build / no such device
+            _say_once(f"name of {device}", _why(exc))
             return "unknown CUDA device"
     return cpu_model()
 
@@ -124,10 +148,13 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
     }
-    for mod in ("monai", "codecarbon", "numpy"):
+    from importlib import metadata
+
+    for mod, dist in (("monai", "monai"), ("codecarbon", "codecarbon"), ("numpy", "numpy"), ("rich", "rich")):
         try:
-            env[f"{mod}_version"] = __import__(mod).__version__
-        except Exception:
+            env[f"{mod}_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError as exc:
+            _say_once(f"{dist} version", _why(exc))
             env[f"{mod}_version"] = ""
     if str(device).startswith("cuda"):
         env["driver"] = nvidia_driver_version()
@@ -135,6 +162,6 @@ def capture(device: str = "cpu") -> dict[str, Any]:
             env["cudnn_version"] = str(torch.backends.cudnn.version() or "")
             props = torch.cuda.get_device_properties(torch.device(device))
             env["device_memory_bytes"] = int(props.total_memory)
-        except Exception:
-            pass
+        except (RuntimeError, AssertionError) as exc:
+            _say_once(f"properties of {device}", _why(exc))
     return env
