@@ -1,522 +1,363 @@
-"""``python run_bench.py`` -- the command line.
+"""The command line of ``python run_bench.py`` and of the ``idmbench`` console script (same program).
 
-    python run_bench.py --models idm,patchddm --sizes 64,128,256     # the sweep (default command)
-    python run_bench.py report DIR                                  # (re)build DIR/report.html
-    python run_bench.py check [...]                                 # the CI memory-regression gate
+    run_bench.py --models idm,patchddm --sizes 64,128,256     # the sweep (the default command)
+    run_bench.py report DIR                                  # (re)build DIR/report.html
+    run_bench.py check [...]                                 # the CI memory-regression gate
+    run_bench.py quality [...]                               # train to one budget, score, sample
 
-Bad input (unknown model, malformed size, a size a model cannot take, unknown device, ``cuda`` without a
-GPU, an unwritable ``--out``, bad precision / phase / budget / limit) prints one line ``error: ...`` on
-stderr naming the problem and the valid choices, and exits with code 2 before anything starts.
+argparse does the parsing: typed converters (:mod:`idmbench.argtypes`) for sizes, byte sizes, seconds,
+presets and devices; a subparser per command (the ``check`` and ``quality`` modules add their own flags
+through ``add_arguments(parser)`` and run through ``run(ns) -> int``); ``--resume DIR`` takes its defaults
+from ``DIR/run.json`` (``set_defaults``), and refuses flags that would change what that folder holds
+(models, sizes, presets, phases, batch, precision, device, seed): start a new ``--out`` for those.
+
+Every bad input -- a malformed or unknown value, a size a model cannot take, ``cuda`` without a GPU, an
+unusable ``--out`` -- goes through one path: one line ``error: ...`` on stderr naming the problem and the
+valid choices, exit code 2, nothing started.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import logging
 import math
-import os
+import re
 import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from . import argtypes as T
+from .argtypes import UsageError
+from .harness import options as O
+
+logger = logging.getLogger(__name__)
+
 EXIT_USAGE = 2
 
-DEFAULT_SIZES = (64, 128, 256)
+DEFAULT_BUDGETS = "16GiB,24GiB,40GiB,80GiB"
 DEFAULT_MAX_MEASURE_S = 180.0  # CPU: per-config measuring budget (s)
 DEFAULT_MAX_SWEEP_S = 480.0  # CPU: the whole sweep's budget for measuring (s)
+PHASES = ("train", "sample")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: subcommands whose flags live in their own module: name -> (module, one-line help)
+SUBCOMMANDS = {
+    "check": ("idmbench.check", "memory-regression gate for CI (exit 0 ok, 1 regression, 2 bad input)"),
+    "quality": ("idmbench.quality.cli", "train every model to one budget, then score denoising and save samples"),
+}
+#: sweep settings a resumed folder keeps (a different value would mix two sweeps in one results.csv)
+RESUME_FIXED = ("models", "sizes", "preset", "phases", "batch", "precision", "device", "seed")
+
+__all__ = ["UsageError", "build_parser", "main", "options_from_args", "resolve_device"]
 
 
-class UsageError(Exception):
-    """A bad command line: printed as one ``error: ...`` line, exit code 2."""
+class ArgParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (:class:`UsageError`), not usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.match(r"argument ([^:]+): (.*)", message, flags=re.S)
+        if m and any(flag in m.group(2) for flag in m.group(1).split("/")):
+            message = m.group(2)  # the converter already named the flag
+        raise UsageError(f"{' '.join(message.split())} (see {self.prog} --help)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
-        raise UsageError(f"{message} (see {self.prog} --help)")
+class _Help(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
 
 
-def _fmt_help() -> type:
-    class F(argparse.RawDescriptionHelpFormatter):
-        def __init__(self, prog: str) -> None:
-            super().__init__(prog, max_help_position=30, width=100)
+def _models(text: str) -> list[str]:
+    out = T.split_list(text)
+    if not out:
+        from .registry import list_models
 
-    return F
+        raise argparse.ArgumentTypeError(f"--models is empty; valid models: {', '.join(list_models())}")
+    return list(dict.fromkeys(out))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="run_bench.py",
-        formatter_class=_fmt_help(),
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep's flags (each says its unit and default)."""
+    a = p.add_argument
+    a("--models", metavar="M1,M2", type=_models,
+      help="registered model names, comma-separated (default: every registered model); see idmbench.list_models()")
+    a("--sizes", metavar="S1,S2", type=T.sizes,
+      help="volume sizes in voxels: cube sides (64) or DxHxW (32x64x64), comma-separated "
+           f"(default: those of {','.join(map(str, O.DEFAULT_SIZES))} every chosen model accepts)")
+    a("--preset", metavar="P", type=T.presets,
+      help="model preset: one name for all (tiny, small, paper) or per model, e.g. 'small,patchddm=paper' "
+           "(default: small on CPU, paper on CUDA; a model whose default cannot take a size falls back to a "
+           "smaller preset, with a note)")
+    a("--batch", metavar="N", type=T.whole("--batch", 1), help="volumes per step (default 1)")
+    a("--steps", metavar="N", type=T.whole("--steps", 1),
+      help="timed steps per config, after warm-up (default 3 on CPU, 10 on CUDA); more are run if needed "
+           "to fill the energy window")
+    a("--warmup", metavar="N", type=T.whole("--warmup", 1),
+      help="untimed warm-up steps per config, at least 1 so the optimiser state exists (default 1 on CPU, 3 on CUDA)")
+    a("--phases", metavar="P1,P2", type=T.choice_list("--phases", "phase", PHASES),
+      help="what to benchmark: train (one AdamW step), sample (one DDIM step of the whole volume), "
+           "comma-separated (default train,sample)")
+    a("--device", metavar="D", type=T.device,
+      help="auto | cpu | cuda | cuda:N (default auto: cuda if a GPU is visible, else cpu)")
+    a("--precision", metavar="P", type=T.one_of("precision", PRECISIONS),
+      help="fp32 | bf16 | fp16: autocast dtype of the forward pass (default fp32; fp16 on CUDA uses a GradScaler)")
+    a("--out", metavar="DIR", help="output folder (default reports/<YYYYmmdd-HHMMSS>/); must not hold results "
+                                   "already (use --resume)")
+    a("--predict", action="store_true",
+      help="predict every config from fake tensors (memory and FLOPs, about a second each); measure nothing")
+    a("--budget", metavar="B1,B2", type=T.budgets,
+      help="memory budgets in bytes with units for the largest-trainable-cube table, e.g. 24GiB,40GiB,80GiB, "
+           f"or 'none' (default {DEFAULT_BUDGETS}); searched at the end")
+    a("--resume", metavar="DIR",
+      help="continue the sweep in DIR: configs already in DIR/results.csv and budgets already in "
+           "DIR/budgets.csv are not redone; every setting comes from DIR/run.json; policy flags (--timeout, "
+           "--max-measure-s, --max-sweep-s, --cpu-memory-limit, --budget, --predict, ...) may be given anew, "
+           "flags that change what the folder holds (--models, --sizes, --preset, --phases, --batch, "
+           "--precision, --device, --seed) are refused")
+    a("--timeout", metavar="SECONDS", type=T.seconds("--timeout"),
+      help="wall-clock limit per config in seconds; the worker is then killed and the row says timeout (default 600)")
+    a("--cpu-memory-limit", metavar="BYTES", type=T.byte_size("--cpu-memory-limit"),
+      help="cap each CPU worker's address space (RLIMIT_AS) in bytes with a unit, e.g. 2GiB; a config that "
+           "needs more ends as an 'oom' row (configs predicted above the limit are run on purpose); the worker "
+           "itself takes ~1 GiB of address space")
+    a("--max-measure-s", metavar="SECONDS", type=T.seconds("--max-measure-s", unlimited=True),
+      help="CPU: measure a config only if its estimated measuring time is below this many seconds, else "
+           f"predict it (default {DEFAULT_MAX_MEASURE_S:g} on CPU; unlimited on CUDA; 0 or inf = unlimited)")
+    a("--max-sweep-s", metavar="SECONDS", type=T.seconds("--max-sweep-s", unlimited=True),
+      help="CPU: time budget of the whole sweep in seconds, counted from its start; a config is measured only "
+           f"if it fits in what is left, else predicted (default {DEFAULT_MAX_SWEEP_S:g} on CPU; unlimited on "
+           "CUDA; 0 or inf = unlimited)")
+    a("--min-energy-window", metavar="SECONDS", type=T.seconds("--min-energy-window"),
+      help="shortest energy-metering window in seconds; timed steps are repeated until it is filled "
+           "(default 1; NVML's counter updates about every 100 ms)")
+    a("--seed", metavar="N", type=T.whole("--seed", 0), help="random seed for weights and data (default 0)")
+    a("--no-report", action="store_true", help="do not build report.html at the end (run_bench.py report DIR later)")
+
+
+def _subcommand_module(name: str) -> Any:
+    """The module behind subcommand ``name``, or None when it cannot be imported (logged)."""
+    try:
+        return importlib.import_module(SUBCOMMANDS[name][0])
+    except Exception as exc:  # noqa: BLE001 - a broken command module must not take the sweep down
+        logger.debug("%s command unavailable", name, exc_info=True)
+        return _Unavailable(f"{type(exc).__name__}: {exc}")
+
+
+class _Unavailable:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line: the sweep's flags and the ``report``, ``check`` and ``quality`` commands."""
+    p = ArgParser(
+        prog=prog,
+        formatter_class=_Help,
         description=(
             "Sweep 3D diffusion models x volume sizes: peak memory, energy per step and throughput of a\n"
             "training step and a sampling step, each config in its own worker process. Configs that are not\n"
             "feasible on this machine are predicted from fake tensors instead (rows labelled 'predicted').\n\n"
-            "Other commands:\n"
-            "  run_bench.py report DIR     rebuild DIR/report.html from DIR's result files\n"
-            "  run_bench.py check [...]    memory-regression gate for CI (see run_bench.py check --help)"
+            "Other commands (each has --help):\n"
+            "  report DIR     rebuild DIR/report.html from DIR's result files\n"
+            "  check [...]    memory-regression gate for CI\n"
+            "  quality [...]  train to one budget, then score denoising (PSNR, SSIM, MAE) and save samples"
         ),
         epilog=(
             "output (DIR): results.csv (a row per config, appended as each finishes), run.json (what, where,\n"
-            "when), budgets.csv (largest trainable cube per budget), logs/ (worker stderr), report.html.\n"
+            "when), budgets.csv (largest trainable cube per budget), logs/ (worker output, sweep.log), report.html.\n"
             "Byte sizes take units: B, MB, GB (10^n), MiB, GiB (2^n); a card sold as '24 GB' has 24 GiB.\n"
-            "Exit codes: 0 done (rows may still say oom/error/timeout), 2 bad input, 130 interrupted (Ctrl-C)."
+            "Exit codes: 0 done (rows may still say oom/error/timeout/killed), 2 bad input, 130 interrupted (Ctrl-C)."
         ),
     )
-    a = p.add_argument
-    a("--models", metavar="M1,M2", help="registered model names, comma-separated (default: every registered model); see idmbench.list_models()")
-    a("--sizes", metavar="S1,S2", help="volume sizes in voxels: cube sides (64) or DxHxW (32x64x64), comma-separated "
-      f"(default: those of {','.join(map(str, DEFAULT_SIZES))} every chosen model accepts)")
-    a("--preset", metavar="P", help="model preset: one name for all (tiny, small, paper) or per model, e.g. "
-      "'small,patchddm=paper' (default: small on CPU, paper on CUDA)")
-    a("--batch", metavar="N", help="volumes per step (default 1)")
-    a("--steps", metavar="N", help="timed steps per config, after warm-up (default 3 on CPU, 10 on CUDA); more are "
-      "run if needed to fill the energy window")
-    a("--warmup", metavar="N", help="untimed warm-up steps per config, at least 1 so the optimiser state exists "
-      "(default 1 on CPU, 3 on CUDA)")
-    a("--phases", metavar="P1,P2", help="what to benchmark: train (one AdamW step), sample (one DDIM step of the "
-      "whole volume), comma-separated (default train,sample)")
-    a("--device", metavar="D", help="auto | cpu | cuda | cuda:N (default auto: cuda if a GPU is visible, else cpu)")
-    a("--precision", metavar="P", help="fp32 | bf16 | fp16: autocast dtype of the forward pass (default fp32; fp16 "
-      "on CUDA uses a GradScaler)")
-    a("--out", metavar="DIR", help="output folder (default reports/<YYYYmmdd-HHMMSS>/); must not hold results "
-      "already (use --resume)")
-    a("--predict", action="store_true", help="predict every config from fake tensors (memory and FLOPs, about a "
-      "second each); measure nothing")
-    a("--budget", metavar="B1,B2", help="memory budgets in bytes with units for the largest-trainable-cube table, "
-      "e.g. 24GiB,40GiB,80GiB, or 'none' (default 16GiB,24GiB,40GiB,80GiB)")
-    a("--resume", metavar="DIR", help="continue the sweep in DIR: configs already in DIR/results.csv are skipped; "
-      "the other settings come from DIR/run.json unless given again")
-    a("--timeout", metavar="SECONDS", help="wall-clock limit per config in seconds; the worker is then killed and "
-      "the row says timeout (default 600)")
-    a("--cpu-memory-limit", metavar="BYTES", help="cap each CPU worker's address space (RLIMIT_AS), e.g. 2GiB; a "
-      "config that needs more ends as an 'oom' row (configs predicted above the limit are run on purpose); "
-      "the worker itself takes ~1 GiB of address space")
-    a("--max-measure-s", metavar="SECONDS", help="CPU: measure a config only if its estimated measuring time is "
-      "below this many seconds, else predict it (default 180 on CPU; unlimited on CUDA; 0 or inf = unlimited)")
-    a("--max-sweep-s", metavar="SECONDS", help="CPU: time budget of the whole sweep in seconds, counted from its start; "
-      "a config is measured only if it fits in what is left, else predicted (default 480 on CPU; unlimited on "
-      "CUDA; 0 or inf = unlimited)")
-    a("--min-energy-window", metavar="SECONDS", help="shortest energy-metering window in seconds; timed steps "
-      "are repeated until it is filled (default 1; NVML's counter updates about every 100 ms)")
-    a("--seed", metavar="N", help="random seed for weights and data (default 0)")
-    a("--no-report", action="store_true", help="do not build report.html at the end (run_bench.py report DIR later)")
+    add_sweep_arguments(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser,
+                           help="report, check or quality (listed above; each has --help); none: the sweep")
+    rp = sub.add_parser("report",
+                        formatter_class=_Help, description="Build DIR/report.html and DIR/report.md from "
+                        "DIR/results.csv, run.json and budgets.csv (no live objects: any old run can be re-reported).")
+    rp.add_argument("dir", metavar="DIR", help="a sweep output folder (holds results.csv)")
+    p.commands = {"report": rp}  # type: ignore[attr-defined]
+    for name, (_mod, help_text) in SUBCOMMANDS.items():
+        mod = _subcommand_module(name)
+        sp = sub.add_parser(name, formatter_class=_Help, description=getattr(mod, "DESCRIPTION", help_text))
+        if hasattr(mod, "add_arguments") and hasattr(mod, "run"):
+            mod.add_arguments(sp)
+        else:
+            sp.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.commands[name] = sp  # type: ignore[attr-defined]
     return p
 
 
 # --------------------------------------------------------------------------------------------------
-# validation helpers: each raises UsageError with one line naming the problem and the valid choices
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def _int(text: Any, flag: str, minimum: int) -> int:
-    try:
-        v = int(str(text))
-    except ValueError:
-        raise UsageError(f"{flag} must be a whole number >= {minimum}; got {text!r}") from None
-    if v < minimum:
-        raise UsageError(f"{flag} must be >= {minimum}; got {v}")
-    return v
-
-
-def _seconds(text: Any, flag: str, *, allow_unlimited: bool = False) -> float:
-    t = str(text).strip().lower()
-    if allow_unlimited and t in ("inf", "none", "unlimited", "0"):
-        return math.inf
-    try:
-        v = float(t.rstrip("s"))
-    except ValueError:
-        raise UsageError(f"{flag} must be a number of seconds; got {text!r}") from None
-    if not v > 0 or math.isnan(v):
-        raise UsageError(f"{flag} must be a positive number of seconds; got {text!r}")
-    return v
+# sweep settings that need the registry or the machine
 
 
 def resolve_device(text: str | None) -> str:
-    """``auto`` -> ``cuda`` or ``cpu``; validates ``cpu``, ``cuda``, ``cuda:N`` against this machine."""
+    """``auto`` -> ``cuda:0`` or ``cpu``; checks ``cuda`` / ``cuda:N`` against this machine."""
     import torch
 
-    t = (text or "auto").strip().lower()
-    if t == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if t == "cpu":
-        return "cpu"
-    if t == "cuda" or t.startswith("cuda:"):
-        idx = 0
-        if t.startswith("cuda:"):
-            try:
-                idx = int(t.split(":", 1)[1])
-            except ValueError:
-                raise UsageError(f"unknown device {text!r}; valid: auto, cpu, cuda, cuda:N") from None
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UsageError(f"--device {text} requested but {why} (torch {torch.__version__}); use --device cpu")
-        n = torch.cuda.device_count()
-        if idx >= n:
-            raise UsageError(f"--device {text}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
-        return f"cuda:{idx}"
-    raise UsageError(f"unknown device {text!r}; valid: auto, cpu, cuda, cuda:N")
-
-
-def _check_precision(precision: str, device: str) -> None:
-    import torch
-
-    from .measure.workload import PRECISIONS, autocast_dtype
-
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    dt = autocast_dtype(precision)
-    if dt is None:
-        return
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    if dev == "cuda":
-        # no allocation here: a CUDA context in this (parent) process would sit in every worker's NVML figure
-        if precision == "bf16":
-            major, minor = torch.cuda.get_device_capability(torch.device(device))
-            if major < 8:
-                raise UsageError(f"--precision bf16 needs a GPU of compute capability >= 8.0; {device} has {major}.{minor} (use fp16)")
-        return
-    try:
-        conv = torch.nn.Conv3d(1, 1, 1)
-        with torch.autocast(device_type=dev, dtype=dt):
-            y = conv(torch.zeros(1, 1, 2, 2, 2))
-        if y.dtype != dt:
-            raise RuntimeError(f"autocast produced {y.dtype}")
-    except Exception as exc:
-        hint = "; on CPU prefer --precision bf16" if precision == "fp16" else ""
-        raise UsageError(f"--precision {precision} is not supported on {device} ({exc}){hint}") from None
-
-
-def _parse_presets(text: str | None, models: list[str], device: str) -> dict[str, str]:
-    from .registry import get_spec
-
-    default = "paper" if device.startswith("cuda") else "small"
-    presets = {m: default for m in models}
-    if text:
-        per: dict[str, str] = {}
-        for item in _split(text):
-            if "=" in item:
-                m, _, p = item.partition("=")
-                m, p = m.strip(), p.strip()
-                if m not in models:
-                    raise UsageError(f"--preset {item!r} names model {m!r}, which is not in --models ({', '.join(models)})")
-                per[m] = p
-            else:
-                presets = {mm: item for mm in models}
-        presets.update(per)
-    for m, p in presets.items():
-        spec = get_spec(m)
-        if p not in spec.presets:
-            raise UsageError(f"model {m!r} has no preset {p!r}; valid presets: {', '.join(sorted(spec.presets))}")
-    return presets
-
-
-def _fall_back_presets(text: str, models: list[str], presets: dict[str, str]) -> dict[str, str]:
-    """With the default preset, a model that cannot take every requested size falls back to the next
-    smaller preset that can (e.g. PatchDDM's reference ``paper`` network needs sides divisible by 128
-    on a GPU run over 64^3), with a note on stderr. An explicit ``--preset`` is never changed."""
-    from .registry import get_spec
-    from .results import parse_size
-
-    try:
-        sizes = [parse_size(it) for it in _split(text)]
-    except ValueError:
-        return presets  # _parse_sizes reports it
-    out = dict(presets)
-    order = ["paper", "small", "tiny"]
-    for m in models:
-        spec = get_spec(m)
-
-        def fits(preset: str) -> bool:
-            try:
-                for sz in sizes:
-                    spec.check_size(sz, spec.config(preset))
-                return True
-            except ValueError:
-                return False
-
-        if fits(out[m]):
-            continue
-        start = order.index(out[m]) + 1 if out[m] in order else len(order)
-        for alt in order[start:]:
-            if alt in spec.presets and fits(alt):
-                need = spec.valid_sides(spec.config(out[m]))
-                print(
-                    f"note: {m}'s default preset {out[m]} needs sides that are multiples of {need}; "
-                    f"using preset {alt} for {m} (pass --preset to choose)",
-                    file=sys.stderr,
-                )
-                out[m] = alt
-                break
-    return out
-
-
-def _parse_sizes(text: str | None, models: list[str], presets: dict[str, str]) -> list[tuple[int, int, int]]:
-    from .registry import get_spec
-    from .results import parse_size
-
-    if text is None:
-        sizes = []
-        for s in DEFAULT_SIZES:
-            try:
-                for m in models:
-                    get_spec(m).check_size((s, s, s), get_spec(m).config(presets[m]))
-                sizes.append((s, s, s))
-            except ValueError:
-                continue
-        if not sizes:
-            mult = 1
-            for m in models:
-                v = get_spec(m).valid_sides(get_spec(m).config(presets[m]))
-                mult = mult * v // math.gcd(mult, v)
-            sizes = [(mult, mult, mult), (2 * mult,) * 3]  # type: ignore[list-item]
-        return sizes
-    items = _split(text)
-    if not items:
-        raise UsageError(f"--sizes is empty; give cube sides like 64,128 or DxHxW like 32x64x64")
-    sizes: list[tuple[int, int, int]] = []
-    for it in items:
-        try:
-            s = parse_size(it)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if s not in sizes:
-            sizes.append(s)
-    for m in models:
-        spec = get_spec(m)
-        cfg = spec.config(presets[m])
-        for s in sizes:
-            try:
-                spec.check_size(s, cfg)
-            except ValueError as exc:
-                raise UsageError(f"{exc} (preset {presets[m]})") from None
-    return sizes
-
-
-def _parse_budgets(text: str | None) -> list[tuple[str, int]]:
-    from .harness.budget import DEFAULT_BUDGETS
-    from .units import parse_bytes
-
-    items = list(DEFAULT_BUDGETS) if text is None else _split(text)
-    if text is not None and [i.lower() for i in items] in (["none"], ["off"], []):
-        return []
-    out = []
-    for it in items:
-        try:
-            out.append((it, parse_bytes(it, what="budget")))
-        except ValueError as exc:
-            raise UsageError(f"--budget: {exc}") from None
-    return out
-
-
-def _check_out(path: Path, *, resume: bool) -> None:
-    """Create ``path`` and prove it is writable; refuse a folder that already holds results (unless resuming)."""
-    if not resume and (path / "results.csv").exists():
-        raise UsageError(f"--out {path} already holds results.csv; continue it with --resume {path} or choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {path} is not writable ({exc.strerror or exc})") from None
+    t = T.device(text or "auto")
+    if t in ("auto", "cpu"):
+        return "cuda:0" if t == "auto" and torch.cuda.is_available() else "cpu"
+    idx = int(t.split(":", 1)[1]) if ":" in t else 0
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UsageError(f"--device {text} requested but {why} (torch {torch.__version__}); use --device cpu")
+    n = torch.cuda.device_count()
+    if idx >= n:
+        raise UsageError(f"--device {text}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    return f"cuda:{idx}"
 
 
 # --------------------------------------------------------------------------------------------------
+# --resume: defaults from run.json
+
+
+def _refuse_changes(parser: argparse.ArgumentParser, ns: argparse.Namespace, defaults: dict[str, Any], rdir: Path) -> None:
+    """``--resume`` with a flag that would change what the folder holds: one line, exit 2."""
+    for flag in RESUME_FIXED:
+        given = getattr(ns, flag, None)
+        if given is None or flag not in defaults:
+            continue
+        before = getattr(parser.parse_args([f"--{flag}", defaults[flag]]), flag)
+        if flag == "preset":
+            same = all(before.per_model.get(m) == given.per_model.get(m, given.default) for m in before.per_model)
+        elif flag == "device":
+            same = resolve_device(given) == resolve_device(before)
+        elif flag in ("models", "sizes"):
+            same = set(given) == set(before)
+        else:
+            same = given == before
+        if not same:
+            raise UsageError(f"--resume {rdir} ran with --{flag} {defaults[flag]}; resuming cannot change --{flag}: "
+                             f"leave it out, or start a new sweep with --out")
+
+
+def parse_args(argv: Sequence[str], prog: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (raises :class:`UsageError`).
+
+    A command (``report``, ``check``, ``quality``) comes first and is parsed by its own subparser into its
+    own namespace (``ns.command`` names it); anything else is the sweep. With ``--resume DIR`` every sweep
+    flag not given defaults to DIR/run.json's value."""
+    parser = build_parser(prog)
+    argv = list(argv)
+    if argv[:1] and argv[0] in parser.commands:  # type: ignore[attr-defined]
+        ns = parser.commands[argv[0]].parse_args(argv[1:])  # type: ignore[attr-defined]
+        ns.command = argv[0]
+        return ns
+    ns = parser.parse_args(argv)
+    if ns.command is not None:
+        raise UsageError(f"the {ns.command} command goes first (run_bench.py {ns.command} ...); "
+                         "the flags before it belong to the sweep")
+    ns.overrides = {}
+    if ns.resume is not None:
+        rdir = Path(ns.resume)
+        defaults = O.resume_defaults(rdir)
+        if ns.out is not None and Path(ns.out).resolve() != rdir.resolve():
+            raise UsageError(f"--resume {rdir} writes into that folder; drop --out {ns.out}")
+        _refuse_changes(parser, ns, defaults, rdir)
+        parser.set_defaults(**defaults)
+        ns = parser.parse_args(argv)
+    return ns
 
 
 def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
-    """Validate the parsed flags (and, with ``--resume``, merge DIR/run.json) into :class:`SweepOptions`."""
-    from .harness.sweep import SweepOptions
-    from .units import parse_bytes
-    from .measure.workload import PHASES
-    from .registry import list_models
-
-    prev: dict[str, Any] = {}
-    resume = ns.resume is not None
-    if resume:
-        rdir = Path(ns.resume)
-        if not rdir.is_dir():
-            raise UsageError(f"--resume {rdir}: no such folder")
-        if not (rdir / "run.json").exists() and not (rdir / "results.csv").exists():
-            raise UsageError(f"--resume {rdir}: not a sweep folder (no run.json or results.csv)")
-        if (rdir / "run.json").exists():
-            try:
-                prev = json.loads((rdir / "run.json").read_text())
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"--resume {rdir}: run.json is not valid JSON ({exc})") from None
-        if ns.out is not None and Path(ns.out).resolve() != rdir.resolve():
-            raise UsageError(f"--resume {rdir} writes into that folder; drop --out {ns.out}")
-
-    def pick(name: str, key: str | None = None) -> Any:
-        v = getattr(ns, name)
-        if v is not None:
-            return v
-        return prev.get(key or name)
+    """Check the parsed sweep flags against the registry and this machine and build
+    :class:`~idmbench.harness.sweep.SweepOptions` (raises :class:`UsageError`)."""
+    from .registry import list_models, plugin_errors
 
     available = list_models()
-    models_txt = pick("models")
-    if isinstance(models_txt, list):
-        models = models_txt
-    elif models_txt is None:
-        models = available
-    else:
-        models = []
-        for m in _split(models_txt):
-            if m not in models:
-                models.append(m)
-        if not models:
-            raise UsageError(f"--models is empty; valid models: {', '.join(available)}")
+    models = ns.models if ns.models is not None else available
     for m in models:
         if m not in available:
-            from .registry import plugin_errors
-
             extra = plugin_errors().get(m)
-            raise UsageError(
-                f"unknown model {m!r}" + (f" (its plugin failed to load: {extra})" if extra else "")
-                + f"; valid models: {', '.join(available)}"
-            )
-
-    dev_txt = ns.device if ns.device is not None else (prev.get("device") if resume else None)
-    device = resolve_device(dev_txt)
+            raise UsageError(f"unknown model {m!r}" + (f" (its plugin failed to load: {extra})" if extra else "")
+                             + f"; valid models: {', '.join(available)}")
+    device = resolve_device(ns.device)
     is_cuda = device.startswith("cuda")
+    presets = O.choose_presets(ns.preset, models, device, ns.sizes)
+    sizes = O.choose_sizes(ns.sizes, models, presets)
+    precision = ns.precision or "fp32"
+    O.check_precision(precision, device)
+    if ns.cpu_memory_limit is not None and is_cuda:
+        raise UsageError("--cpu-memory-limit caps CPU workers only; it cannot be combined with --device cuda")
 
-    if ns.preset is None and resume and isinstance(prev.get("presets"), dict):
-        presets = {m: prev["presets"].get(m) or ("paper" if is_cuda else "small") for m in models}
-        _parse_presets(",".join(f"{m}={p}" for m, p in presets.items()), models, device)
-    else:
-        presets = _parse_presets(ns.preset, models, device)
+    def unlimited_on_cuda(v: float | None, cpu_default: float) -> float:
+        return v if v is not None else (math.inf if is_cuda else cpu_default)
 
-    sizes_v = pick("sizes")
-    if ns.preset is None and not (resume and isinstance(prev.get("presets"), dict)) and sizes_v is not None:
-        presets = _fall_back_presets(",".join(sizes_v) if isinstance(sizes_v, list) else sizes_v, models, presets)
-    sizes = _parse_sizes(",".join(sizes_v) if isinstance(sizes_v, list) else sizes_v, models, presets)
-
-    phases_v = pick("phases")
-    phases = phases_v if isinstance(phases_v, list) else (_split(phases_v) if phases_v is not None else list(PHASES))
-    if not phases:
-        raise UsageError(f"--phases is empty; valid phases: {', '.join(PHASES)}")
-    for ph in phases:
-        if ph not in PHASES:
-            raise UsageError(f"unknown phase {ph!r}; valid phases: {', '.join(PHASES)}")
-    phases = [ph for ph in PHASES if ph in phases]
-
-    precision = str(pick("precision") or "fp32").lower()
-    _check_precision(precision, device)
-
-    batch = _int(pick("batch") or 1, "--batch", 1)
-    steps = _int(pick("steps") or (10 if is_cuda else 3), "--steps", 1)
-    warmup = _int(pick("warmup") or (3 if is_cuda else 1), "--warmup", 1)
-    seed = _int(pick("seed") if pick("seed") is not None else 0, "--seed", 0)
-    timeout = _seconds(pick("timeout", "timeout_s") or 600, "--timeout")
-
-    if ns.budget is not None:
-        budgets = _parse_budgets(ns.budget)
-    elif resume and isinstance(prev.get("budgets"), list):
-        budgets = [(b["label"], int(b["bytes"])) for b in prev["budgets"]]
-    else:
-        budgets = _parse_budgets(None)
-
-    limit = None
-    if ns.cpu_memory_limit is not None:
-        try:
-            limit = parse_bytes(ns.cpu_memory_limit, what="--cpu-memory-limit")
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if is_cuda:
-            raise UsageError("--cpu-memory-limit caps CPU workers only; it cannot be combined with --device cuda")
-    elif resume and prev.get("cpu_memory_limit_bytes"):
-        limit = int(prev["cpu_memory_limit_bytes"])
-
-    mm = ns.max_measure_s
-    if mm is None and resume and "max_measure_s" in prev:
-        max_measure = math.inf if prev["max_measure_s"] is None else float(prev["max_measure_s"])
-    elif mm is None:
-        max_measure = math.inf if is_cuda else DEFAULT_MAX_MEASURE_S
-    else:
-        max_measure = _seconds(mm, "--max-measure-s", allow_unlimited=True)
-
-    ms = ns.max_sweep_s
-    if ms is None and resume and "max_sweep_s" in prev:
-        max_sweep = math.inf if prev["max_sweep_s"] is None else float(prev["max_sweep_s"])
-    elif ms is None:
-        max_sweep = math.inf if is_cuda else DEFAULT_MAX_SWEEP_S
-    else:
-        max_sweep = _seconds(ms, "--max-sweep-s", allow_unlimited=True)
-
-    win = pick("min_energy_window", "min_energy_window_s")
-    min_window = _seconds(win, "--min-energy-window") if win is not None else 1.0
-
-    predict_only = bool(ns.predict or (resume and prev.get("predict_only") and not ns.predict))
-
-    if resume:
-        out = Path(ns.resume)
-    elif ns.out is not None:
-        out = Path(ns.out)
-    else:
-        out = Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    _check_out(out, resume=resume)
-
+    resume = ns.resume is not None
+    out = Path(ns.resume) if resume else Path(ns.out) if ns.out is not None else \
+        Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    O.check_out(out, resume=resume)
     from .measure.env import capture
 
-    env = capture(device)
-    return SweepOptions(
-        models=models, presets=presets, sizes=sizes, out=out, phases=phases, batch=batch, steps=steps,
-        warmup=warmup, device=device, precision=precision, predict_only=predict_only, budgets=budgets,
-        timeout_s=timeout, cpu_memory_limit_bytes=limit, max_measure_s=max_measure, max_sweep_s=max_sweep, seed=seed,
-        min_energy_window_s=min_window, report=not ns.no_report, resume=resume,
-        command=" ".join(shlex.quote(a) for a in ["python", "run_bench.py", *argv]), env=env,
+    return O.SweepOptions(
+        models=list(models), presets=presets, sizes=sizes, out=out, phases=ns.phases or list(PHASES),
+        batch=ns.batch or 1, steps=ns.steps or (10 if is_cuda else 3), warmup=ns.warmup or (3 if is_cuda else 1),
+        device=device, precision=precision, predict_only=bool(ns.predict),
+        budgets=ns.budget if ns.budget is not None else T.budgets(DEFAULT_BUDGETS),
+        timeout_s=ns.timeout or 600.0, cpu_memory_limit_bytes=ns.cpu_memory_limit,
+        max_measure_s=unlimited_on_cuda(ns.max_measure_s, DEFAULT_MAX_MEASURE_S),
+        max_sweep_s=unlimited_on_cuda(ns.max_sweep_s, DEFAULT_MAX_SWEEP_S),
+        seed=ns.seed if ns.seed is not None else 0, min_energy_window_s=ns.min_energy_window or 1.0,
+        report=not ns.no_report, resume=resume, overrides=dict(getattr(ns, "overrides", None) or {}),
+        command=" ".join(shlex.quote(a) for a in ["python", "run_bench.py", *argv]), env=capture(device),
     )
 
 
-def report_main(argv: Sequence[str]) -> int:
-    """``run_bench.py report DIR``: build DIR/report.html from DIR's result files."""
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
-        print("usage: run_bench.py report DIR   (writes DIR/report.html from DIR/results.csv, run.json, budgets.csv)", file=stream)
-        return 0 if stream is sys.stdout else EXIT_USAGE
-    d = Path(argv[0])
-    if not (d / "results.csv").exists():
-        print(f"error: {d} has no results.csv (not a sweep output folder)", file=sys.stderr)
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def report_main(d: Path) -> int:
+    """``report DIR``: build DIR/report.html from DIR's result files (0 done, 1 failed, 2 bad folder)."""
+    if not d.exists():
+        print(f"error: report: {d} does not exist, so it has no results.csv to build a report from", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        from .report import build_report
-    except ImportError as exc:
-        print(f"error: the report module is unavailable ({exc})", file=sys.stderr)
-        return 1
+    if not d.is_dir():
+        print(f"error: report: {d} is a file, not a sweep output folder", file=sys.stderr)
+        return EXIT_USAGE
+    if not (d / "results.csv").exists():
+        print(f"error: report: {d} has no results.csv (not a sweep output folder)", file=sys.stderr)
+        return EXIT_USAGE
+    from .report import build_report
+
     try:
         path = build_report(d)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback in the debug log
+        logger.debug("report failed", exc_info=True)
         print(f"error: report failed ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
     print(path)
     return 0
 
 
-def check_main(argv: Sequence[str]) -> int:
-    """``run_bench.py check ...``: dispatch to :func:`idmbench.check.main`."""
-    try:
-        from .check import main as _check
-    except ImportError as exc:
-        print(f"error: the check command is unavailable ({exc})", file=sys.stderr)
+def _run_subcommand(name: str, ns: argparse.Namespace) -> int:
+    mod = _subcommand_module(name)
+    if isinstance(mod, _Unavailable):
+        print(f"error: the {name} command is unavailable ({mod.reason})", file=sys.stderr)
         return EXIT_USAGE
-    return int(_check(list(argv)) or 0)
+    if hasattr(mod, "run"):
+        return int(mod.run(ns) or 0)
+    return int(mod.main(list(ns.args)) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``run_bench.py`` and the ``idmbench`` console script; returns the exit code."""
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of ``run_bench.py`` and the ``idmbench`` console script; returns the exit code.
+
+    ``prog``: the program name in usage lines (default: the name it was invoked by)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
-    if argv[:1] == ["check"]:
-        return check_main(argv[1:])
-    parser = build_parser()
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        mod = _subcommand_module(argv[0])
+        if not isinstance(mod, _Unavailable) and not hasattr(mod, "add_arguments") and hasattr(mod, "main"):
+            return int(mod.main(argv[1:]) or 0)  # a command module that parses its own flags
     try:
-        ns = parser.parse_args(argv)
+        ns = parse_args(argv, prog)
+        if ns.command == "report":
+            return report_main(Path(ns.dir))
+        if ns.command is not None:
+            return _run_subcommand(ns.command, ns)
         opts = options_from_args(ns, argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

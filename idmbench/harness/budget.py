@@ -10,9 +10,13 @@ cache.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from ..measure.predict import CUDA_CONTEXT_BYTES, CUDA_CONTEXT_LABEL
 from ..units import format_bytes
@@ -189,12 +193,35 @@ def budget_rows(
     return rows
 
 
-def write_budgets(path, rows: list[BudgetRow]) -> None:
-    """Write ``budgets.csv`` (header + one line per row; empty cells for None)."""
-    import csv
-    import dataclasses
-    import os
+def search_model(model: str, preset: str, budgets: list[tuple[str, int]], predictor: Any, *,
+                 known: Mapping[tuple[str, tuple[int, int, int], str], Any] | None = None,
+                 overrides: dict[str, Any] | None = None, batch: int = 1, precision: str = "fp32",
+                 params: dict[str, int] | None = None) -> list[BudgetRow]:
+    """:func:`budget_rows` for one model through its :class:`~idmbench.measure.predict.Predictor`.
 
+    Args:
+        known: predictions already made, ``(model, size, phase) -> Prediction`` (the sweep's own cube
+            training sizes seed the search).
+        params: filled with ``model -> parameter count`` from the predictions.
+    """
+    from ..registry import get_spec
+
+    spec = get_spec(model)
+    multiple = spec.valid_sides(spec.config(preset, **(overrides or {})))
+
+    def peak_at(side: int) -> int | None:
+        p = predictor.predict((side, side, side), "train", flops=False)
+        if params is not None and p.params is not None:
+            params.setdefault(model, int(p.params))
+        return p.peak_bytes if p.ok else None
+
+    seeds = {s[0]: (p.peak_bytes if p.ok else None) for (m, s, ph), p in (known or {}).items()
+             if m == model and ph == "train" and len(set(s)) == 1 and s[0] % multiple == 0}
+    return budget_rows(model, preset, budgets, peak_at, multiple, batch=batch, precision=precision, known=seeds)
+
+
+def write_budgets(path: str | os.PathLike, rows: list[BudgetRow]) -> None:
+    """Write ``budgets.csv`` atomically (header + one line per row; empty cells for None)."""
     tmp = str(path) + ".tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=BUDGET_COLUMNS)
@@ -204,3 +231,28 @@ def write_budgets(path, rows: list[BudgetRow]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_budgets(path: str | os.PathLike) -> list[BudgetRow]:
+    """The rows of an existing ``budgets.csv`` (a resumed sweep keeps the searches already done); ``[]``
+    when the file is absent. A malformed file raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, newline="") as fh:
+        for rec in csv.DictReader(fh):
+            try:
+                side = rec.get("largest_side") or ""
+                out.append(BudgetRow(
+                    model=rec["model"], preset=rec["preset"], budget=rec["budget"], budget_bytes=int(rec["budget_bytes"]),
+                    largest_side=int(side) if side else None,
+                    peak_at_largest_bytes=int(rec["peak_at_largest_bytes"]) if rec.get("peak_at_largest_bytes") else None,
+                    predicted_peak_bytes=int(rec["predicted_peak_bytes"]) if rec.get("predicted_peak_bytes") else None,
+                    context_bytes=int(rec.get("context_bytes") or 0), batch=int(rec.get("batch") or 1),
+                    precision=rec.get("precision") or "fp32", capped=str(rec.get("capped")) == "True",
+                    source=rec.get("source") or "", note=rec.get("note") or "",
+                ))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{path}: malformed budgets file ({type(exc).__name__}: {exc})") from None
+    return out

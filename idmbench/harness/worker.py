@@ -1,28 +1,33 @@
 """One (model, size, phase) measurement in a fresh process: ``python -m idmbench.harness.worker CONFIG.json``.
 
-The sweep starts one worker per config, so an out-of-memory, a crash or a hang costs that config only.
-CONFIG.json holds the job (see :func:`run`); the worker writes its result as JSON to ``result_path`` (and
-prints it as its last stdout line). The result always has ``status``: ``ok``, ``oom`` (allocation failed:
-CUDA OOM, or the CPU address-space cap of ``--cpu-memory-limit``), ``error`` (any other exception, with a
-one-line reason) or ``skipped`` (its warm-up step showed that measuring would exceed ``time_budget_s``; the
-sweep then writes a ``predicted`` row). ``timeout`` is decided by the parent, which kills an over-time worker.
+The sweep starts one worker per config (:mod:`.runner`), so an out-of-memory, a crash or a hang costs that
+config only. CONFIG.json is a :class:`~idmbench.harness.records.WorkerConfig`; the worker writes its
+:class:`~idmbench.harness.records.WorkerResult` as JSON to ``result_path`` (and prints it as its last
+stdout line). The result always has ``status``: ``ok``, ``oom`` (allocation failed: CUDA OOM, or the CPU
+address-space cap of ``--cpu-memory-limit``), ``error`` (any other exception, with a one-line reason) or
+``skipped`` (its warm-up step showed that measuring would exceed ``time_budget_s``; the sweep then writes
+a ``predicted`` row). ``timeout`` and ``killed`` are decided by the parent.
 
 What is measured (every figure labelled):
 
 * memory (bytes): CUDA -- ``torch.cuda.max_memory_allocated`` over one steady-state step after
   ``reset_peak_memory_stats`` (``cuda-allocator``), ``max_memory_reserved``, NVML device ``used``;
   CPU -- peak live tensor bytes of one steady-state step through the tensor tracker (``cpu-tensors``) and
-  the process peak RSS. ``activation_bytes`` = peak minus parameters, gradients and optimiser state.
+  the process peak RSS. ``activation_bytes`` is :class:`~idmbench.measure.memory.MemoryPeak`'s one
+  definition (peak minus parameters, all trainable parameters' gradients, optimiser state and buffers);
+  on CUDA it is applied to the allocator's peak.
 * time (s): warm-up excluded, synchronised, median and IQR of the timed steps (which run without the
-  tracker); ``voxels_per_s`` = batch x volume voxels / median step time.
-* energy (J/step): the timed steps run inside an energy meter (NVML on CUDA, codecarbon on CPU) for a
-  window of at least ``min_energy_window_s``; joules / steps in the window.
+  tracker); ``voxels_per_s`` = batch x the image voxels the network processes per step
+  (:attr:`~idmbench.measure.workload.Workload.voxels`) / median step time.
+* energy (J/step): the timed steps run inside an energy meter window (NVML on CUDA, codecarbon on CPU) of
+  at least ``min_energy_window_s``; joules / steps in the window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
+import logging
 import os
 import re
 import resource
@@ -30,7 +35,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from ..units import GiB
+from .records import STATUS_SKIPPED, WorkerConfig, WorkerResult
+
+logger = logging.getLogger(__name__)
 
 OOM_MARKERS = (
     "out of memory",
@@ -51,13 +61,13 @@ def set_address_space_limit(limit_bytes: int) -> None:
 
 
 def vm_size_bytes() -> int:
-    """This process's current virtual size (``VmSize``, bytes)."""
+    """This process's current virtual size (``VmSize``, bytes); 0 where ``/proc`` is unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError as exc:
+        logger.warning("/proc/self/status unreadable (%s): address-space cap taken from 0", exc)
     return 0
 
 
@@ -71,13 +81,10 @@ def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure (CUDA OOM, CPU allocator failure, ``MemoryError``)."""
     if isinstance(exc, MemoryError):
         return True
-    try:
-        import torch
+    import torch
 
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except Exception:
-        pass
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
     text = f"{type(exc).__name__}: {exc}".lower()
     return any(m in text for m in OOM_MARKERS)
 
@@ -101,32 +108,32 @@ class SkipMeasurement(Exception):
     """Measuring would exceed the per-config time budget (``--max-measure-s``): give up early."""
 
 
-def _check_time_budget(cfg: dict[str, Any], step_s: float) -> None:
-    """After the warm-up step: project the rest of the measurement from that step's real duration and
-    raise :class:`SkipMeasurement` if it would exceed ``cfg["time_budget_s"]`` (seconds since start)."""
-    budget = cfg.get("time_budget_s")
+def _check_time_budget(cfg: WorkerConfig | Mapping[str, Any], step_s: float, elapsed_s: float = 0.0) -> None:
+    """After the warm-up step: project the rest of the measurement from that step's real duration
+    (:func:`~idmbench.harness.estimate.remaining_measure_s`) and raise :class:`SkipMeasurement` if, with the
+    ``elapsed_s`` seconds already spent, it would exceed ``time_budget_s`` by more than 15 %."""
+    from .estimate import remaining_measure_s
+
+    c = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+    budget = c.get("time_budget_s")
     if not budget:
         return
-    from .policy import METER_OVERHEAD_S, TRACKED_STEP_FACTOR
-
-    steps = max(1, int(cfg.get("steps", 3)))
-    window = float(cfg.get("min_energy_window_s", 1.0))
-    timed = max(steps, math.ceil(window / step_s)) if step_s > 0 else steps
-    projected = step_s * (TRACKED_STEP_FACTOR + timed) + METER_OVERHEAD_S
-    elapsed = time.perf_counter() - float(cfg.get("_t0", time.perf_counter()))
-    if elapsed + projected > float(budget) * 1.15:
+    projected = remaining_measure_s(step_s, steps=max(1, int(c.get("steps", 3))),
+                                    min_window_s=float(c.get("min_energy_window_s", 1.0)))
+    if elapsed_s + projected > float(budget) * 1.15:
         raise SkipMeasurement(
-            f"the warm-up step took {step_s:.1f} s, so measuring would take ~{elapsed + projected:.0f} s "
+            f"the warm-up step took {step_s:.1f} s, so measuring would take ~{elapsed_s + projected:.0f} s "
             f"> the {float(budget):.0f} s it may take (--max-measure-s / --max-sweep-s)"
         )
 
 
-def run(cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    """Measure ``cfg`` and fill ``result`` in place (so a failure keeps what was already measured).
+def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> None:
+    """Measure ``job`` and fill ``result`` in place (so a failure keeps what was already measured).
 
-    Config keys: model, preset, overrides, size [D, H, W], phase, batch, steps, warmup, device,
-    precision, seed, min_energy_window_s.
+    ``t0``: ``time.perf_counter()`` at the worker's start (the time budget counts from it).
     """
+    t0 = time.perf_counter() if t0 is None else t0
+    clock = time.perf_counter()
     import torch
 
     from ..measure.energy import make_meter, measure_window, nvml_memory_used_bytes
@@ -134,91 +141,106 @@ def run(cfg: dict[str, Any], result: dict[str, Any]) -> None:
     from ..measure.timing import TimingStats, synchronizer, timed_call
     from ..measure.workload import build_state, make_workload
 
-    for item in cfg.get("imports", []):  # modules that register models added at run time
-        mod, path = (item, "") if isinstance(item, str) else (item[0], item[1])
+    for mod, path in job.imports:  # modules that register models added at run time
         if path and path not in sys.path:
             sys.path.insert(0, path)
         __import__(mod)
-    device = str(cfg.get("device", "cpu"))
+    result.phase_s["import"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    device = job.device
     is_cuda = device.startswith("cuda")
     if is_cuda:
         torch.cuda.set_device(torch.device(device))
-    size = tuple(int(s) for s in cfg["size"])
-    batch = int(cfg.get("batch", 1))
-    state = build_state(
-        cfg["model"], cfg["preset"], cfg["phase"], device=device, precision=cfg.get("precision", "fp32"),
-        overrides=cfg.get("overrides") or {}, seed=int(cfg.get("seed", 0)),
-    )
-    result["params"] = state.params
-    wl = make_workload(state, size, batch)  # type: ignore[arg-type]
-    result["net_shape"] = "x".join(map(str, wl.net_shape))
+    size = tuple(int(s) for s in job.size)
+    state = build_state(job.model, job.preset, job.phase, device=device, precision=job.precision,
+                        overrides=job.overrides or {}, seed=job.seed)
+    result.params = state.params
+    wl = make_workload(state, size, job.batch)  # type: ignore[arg-type]
+    result.net_shape = "x".join(map(str, wl.net_shape))
     sync = synchronizer(device)
     notes: list[str] = []
+    result.phase_s["build"] = time.perf_counter() - clock
 
     # warm-up: allocator, kernels, and (train) the AdamW state -- excluded from every figure
-    warm = []
-    for _ in range(max(1, int(cfg.get("warmup", 1)))):
+    for _ in range(max(1, job.warmup)):
         out, dt = timed_call(wl.step, sync)
-        warm.append(dt)
+        result.warmup_s.append(dt)
+        result.warmup += 1
         if isinstance(out, float):
-            result["loss"] = out
-    result["warmup_s"] = warm
-    _check_time_budget(cfg, warm[-1])
+            result.loss = out
+    result.phase_s["warmup"] = sum(result.warmup_s)
+    _check_time_budget(job, result.warmup_s[-1], time.perf_counter() - t0)
 
     # memory of one steady-state step
+    clock = time.perf_counter()
     if is_cuda:
         dev = torch.device(device)
         torch.cuda.reset_peak_memory_stats(dev)
         sync()
         wl.step()
         sync()
-        result["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-        result["reserved_bytes"] = int(torch.cuda.max_memory_reserved(dev))
-        result["mem_source"] = "cuda-allocator"
-        used = nvml_memory_used_bytes(dev.index or 0)
-        if used is not None:
-            result["nvml_used_bytes"] = used
-        else:
+        result.peak_mem_bytes = int(torch.cuda.max_memory_allocated(dev))
+        result.reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
+        result.mem_source = "cuda-allocator"
+        result.nvml_used_bytes = nvml_memory_used_bytes(dev.index or 0)
+        if result.nvml_used_bytes is None:
             notes.append("NVML memory figure unavailable")
         # the parameter/gradient/optimiser split comes from the live-tensor tracker on the same step
         _, mp = track_peak(wl.step, *wl.track, module_hooks=False)
-        result["activation_bytes"] = int(result["peak_mem_bytes"] - mp.param_bytes - mp.grad_bytes - mp.opt_bytes - mp.buffer_bytes)
-        result["tracker_peak_bytes"] = int(mp.total_bytes)
+        result.activation_bytes = int(mp.activation_bytes_of(result.peak_mem_bytes))
+        result.tracker_peak_bytes = int(mp.total_bytes)
         notes.append(f"live-tensor peak {mp.total_bytes} B on the same step (the allocator adds block rounding and workspaces)")
     else:
         _, mp = track_peak(wl.step, *wl.track, module_hooks=False)
-        result["peak_mem_bytes"] = int(mp.total_bytes)
-        result["activation_bytes"] = int(mp.activation_bytes)
-        result["mem_source"] = "cpu-tensors"
-    result["param_bytes"] = int(mp.param_bytes)
-    result["opt_bytes"] = int(mp.opt_bytes)
+        result.peak_mem_bytes = int(mp.total_bytes)
+        result.activation_bytes = int(mp.activation_bytes)
+        result.mem_source = "cpu-tensors"
+    result.param_bytes = int(mp.param_bytes)
+    result.grad_bytes = int(mp.grad_bytes)
+    result.opt_bytes = int(mp.opt_bytes)
+    result.phase_s["track"] = time.perf_counter() - clock
 
     # time and energy: the timed steps, without the tracker, inside the energy meter
+    clock = time.perf_counter()
     meter = make_meter(device)
+    result.phase_s["meter"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     try:
-        win = measure_window(
-            wl.step, sync, meter, min_steps=max(1, int(cfg.get("steps", 3))),
-            min_window_s=float(cfg.get("min_energy_window_s", 1.0)),
-        )
+        win = measure_window(wl.step, sync, meter, min_steps=max(1, job.steps), min_window_s=job.min_energy_window_s)
     finally:
-        try:
-            meter.close()
-        except Exception:
-            pass
+        meter.close()
+    result.phase_s["window"] = time.perf_counter() - clock
     stats = TimingStats.from_times(win.times_s)
-    result["step_time_s"] = stats.median_s
-    result["step_time_iqr_s"] = stats.iqr_s
-    result["step_times_s"] = win.times_s
-    result["steps"] = stats.n
-    result["voxels_per_s"] = batch * wl.voxels / stats.median_s if stats.median_s > 0 else None
-    result["energy_window_s"] = win.window_s
-    result["energy_source"] = win.source
+    result.step_time_s = stats.median_s
+    result.step_time_iqr_s = stats.iqr_s
+    result.step_times_s = list(win.times_s)
+    result.steps = stats.n
+    result.voxels_per_s = job.batch * wl.voxels / stats.median_s if stats.median_s > 0 else None
+    result.energy_window_s = win.window_s
+    result.energy_source = win.source
     if win.energy_j is not None:
-        result["energy_j_per_step"] = win.j_per_step
-    notes.append(win.note if win.energy_j is not None else f"energy: {getattr(meter, 'note', 'none')}")
+        result.energy_j_per_step = win.j_per_step
+    notes.append(win.note if win.energy_j is not None else f"energy: {meter.note or 'none'}")
     if not is_cuda:
-        result["rss_peak_bytes"] = peak_rss_bytes()
-    result["notes"] = "; ".join(n for n in notes if n)
+        result.rss_peak_bytes = peak_rss_bytes()
+    result.notes = "; ".join(n for n in notes if n)
+
+
+def _cap_address_space(job: WorkerConfig) -> str:
+    """Apply ``--cpu-memory-limit`` or the safety cap (see :class:`WorkerConfig`); returns the note."""
+    if job.cpu_memory_limit_bytes:
+        base = vm_size_bytes()
+        set_address_space_limit(int(job.cpu_memory_limit_bytes))
+        return (f"--cpu-memory-limit address-space cap {job.cpu_memory_limit_bytes / GiB:.2f} GiB "
+                f"(worker baseline {base / GiB:.2f} GiB)")
+    if job.safety_cap_bytes:
+        # no user limit: cap the address space at what this machine can give, so a misprediction
+        # ends as an 'oom' row instead of swapping or the kernel's OOM killer
+        base = vm_size_bytes()
+        cap = base + int(job.safety_cap_bytes)
+        set_address_space_limit(cap)
+        return f"safety address-space cap {cap / GiB:.2f} GiB (available RAM + worker baseline {base / GiB:.2f} GiB)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,49 +249,33 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m idmbench.harness.worker CONFIG.json", file=sys.stderr)
         return 2
-    cfg = json.loads(Path(argv[0]).read_text())
-    result: dict[str, Any] = {"status": "error", "error": "", "pid": os.getpid()}
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    limit = cfg.get("cpu_memory_limit_bytes")
-    cap_note = ""
-    if limit:
-        base = vm_size_bytes()
-        set_address_space_limit(int(limit))
-        cap_note = f"--cpu-memory-limit address-space cap {int(limit) / 2**30:.2f} GiB (worker baseline {base / 2**30:.2f} GiB)"
-    elif cfg.get("safety_cap_bytes"):
-        # no user limit: cap the address space at what this machine can give, so a misprediction
-        # ends as an 'oom' row instead of swapping or the kernel's OOM killer
-        base = vm_size_bytes()
-        cap = base + int(cfg["safety_cap_bytes"])
-        set_address_space_limit(cap)
-        cap_note = f"safety address-space cap {cap / 2**30:.2f} GiB (available RAM + worker baseline {base / 2**30:.2f} GiB)"
-    cfg["_t0"] = t0
+    job = WorkerConfig.coerce(json.loads(Path(argv[0]).read_text()))
+    result = WorkerResult(pid=os.getpid())
+    cap_note = _cap_address_space(job)
     try:
-        run(cfg, result)
-        result["status"] = "ok"
+        run(job, result, t0)
+        result.status = "ok"
     except SkipMeasurement as exc:
-        result["status"] = "skipped"
-        result["error"] = str(exc)
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes a result row
+        result.status = STATUS_SKIPPED
+        result.error = str(exc)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a result row; the traceback goes to the log
         oom = is_oom(exc)
-        result["status"] = "oom" if oom else "error"
+        result.status = "oom" if oom else "error"
         reason = reason_line(exc)
         if oom and cap_note:
             reason = f"{reason} [under {cap_note}]"
-        result["error"] = reason
+        result.error = "interrupted" if isinstance(exc, KeyboardInterrupt) else reason
         traceback.print_exc(file=sys.stderr)
-        if isinstance(exc, KeyboardInterrupt):
-            result["error"] = "interrupted"
-    result["wall_s"] = time.perf_counter() - t0
+    result.wall_s = time.perf_counter() - t0
     if cap_note:
-        result.setdefault("notes", "")
-        result["notes"] = "; ".join(x for x in (result.get("notes", ""), cap_note) if x)
-    text = json.dumps(result, default=str)
-    out = cfg.get("result_path")
-    if out:
-        tmp = Path(str(out) + ".tmp")
+        result.notes = "; ".join(x for x in (result.notes, cap_note) if x)
+    text = result.to_json()
+    if job.result_path:
+        tmp = Path(job.result_path + ".tmp")
         tmp.write_text(text)
-        os.replace(tmp, out)
+        os.replace(tmp, job.result_path)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     return 0
