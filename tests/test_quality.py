@@ -13,7 +13,7 @@ import idmbench
 from idmbench.data import synthetic_volumes, training_order
 from idmbench.quality import files as Q
 from idmbench.quality.__main__ import build_parser, main
-from idmbench.quality.metrics import predict_x0, score_denoising, volume_metrics
+from idmbench.quality.metrics import score_denoising, volume_metrics
 from idmbench.quality.samples import mid_slices, save_mid_slices
 
 AGREED_QUALITY_COLUMNS = (
@@ -89,7 +89,7 @@ def test_x0_from_a_perfect_noise_prediction_is_exact():
         model.eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
         tt = torch.tensor([t])
         x_t = sched.add_noise(original_samples=x0, noise=model.eps, timesteps=tt)
-        x0_hat = predict_x0(model, x_t, tt, sched, spec=idmbench.get_spec("unet"))
+        x0_hat = diffusion.predict_x0(model, x_t, tt, sched, spec=idmbench.get_spec("unet"))
         assert torch.allclose(x0_hat, x0, atol=2e-4 if t == 999 else 1e-5), t
 
 

@@ -7,9 +7,9 @@ draws ε (seeded by (seed, volume, draw): the same draws for every model and eve
   1000 linear betas 1e-4..2e-2), where z₀ is the model's diffusion state of x₀ (the image itself, or for a
   wavelet model its sub-bands; :func:`idmbench.diffusion.noisy_input`) and ε is drawn in that state's shape;
 * x̂₀ is the model's estimate of x₀ from one forward pass: for an ε-predicting model
-  ``x̂₀ = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``, for an x₀-predicting model its output (through
-  :func:`idmbench.diffusion.predict_x0` when that exists, mapped back to image space); x̂₀ is clipped to
-  the data range [-1, 1];
+  ``x̂₀ = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``, for an x₀-predicting model (WDM) its output (through
+  :func:`idmbench.diffusion.predict_x0`, mapped back to image space); x̂₀ is clipped to the data range
+  [-1, 1];
 * metrics (MONAI), per volume and draw, data range 2.0 (the width of [-1, 1]):
 
   - ``psnr`` -- ``monai.metrics.PSNRMetric(max_val=2.0)``: 20 log10(2) - 10 log10(MSE), in dB;
@@ -24,7 +24,6 @@ draws ε (seeded by (seed, volume, draw): the same draws for every model and eve
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -73,55 +72,9 @@ def volume_metrics(pred: torch.Tensor, target: torch.Tensor, data_range: float =
     return {"psnr": psnr, "ssim": ssim, "mae": mae}
 
 
-def _prediction_type(spec: Any) -> str:
-    for src in (getattr(spec, "prediction_type", None), (getattr(spec, "extra", None) or {}).get("prediction_type")):
-        if src:
-            return str(src)
-    return "epsilon"
-
-
-def predict_x0(
-    model: torch.nn.Module,
-    x_t: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: Any,
-    *,
-    spec: Any,
-    cfg: dict | None = None,
-    **model_kwargs: Any,
-) -> torch.Tensor:
-    """x̂₀ from one forward pass of ``model`` at ``x_t`` (B, C, D, H, W) and ``timesteps`` (B,).
-
-    Uses :func:`idmbench.diffusion.predict_x0` (which knows each model's prediction target) when the
-    diffusion module provides it; otherwise converts an ε prediction with the scheduler's ᾱ_t (or returns
-    the output of a spec whose ``prediction_type`` is ``sample``).
-    """
-    shared = getattr(diffusion, "predict_x0", None)
-    if shared is not None:
-        return shared(model, x_t, timesteps, scheduler, spec=spec, cfg=cfg, **model_kwargs)
-    out = model(x=x_t, timesteps=timesteps, **model_kwargs).to(x_t.dtype)
-    if _prediction_type(spec) == "sample":
-        return out
-    a = scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float64)[timesteps.long()].view(-1, 1, 1, 1, 1)
-    x0 = (x_t.double() - (1.0 - a).sqrt() * out.double()) / a.sqrt()
-    return x0.to(x_t.dtype)
-
-
 def _state_shape(spec: Any, cfg: dict | None, x0: torch.Tensor) -> tuple[int, ...]:
-    """Shape of the diffusion state of ``x0`` (1, C, D, H, W): the image's, or the recipe's encoding (WDM: sub-bands)."""
-    get = getattr(spec, "get_recipe", None)
-    if get is None:
-        return tuple(x0.shape)
-    return tuple(get().encode(x0, cfg).shape)
-
-
-def noisy_input(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, *, spec: Any) -> torch.Tensor:
-    """``x_t`` in the model's diffusion state: :func:`idmbench.diffusion.noisy_input` when it exists, else
-    ``scheduler.add_noise(x0, noise, t)`` (the image is the state)."""
-    shared = getattr(diffusion, "noisy_input", None)
-    if shared is not None:
-        return shared(x0, noise, timesteps, scheduler, spec=spec)
-    return scheduler.add_noise(original_samples=x0, noise=noise.to(x0.dtype), timesteps=timesteps)
+    """Shape of the diffusion state of ``x0`` (1, C, D, H, W): the image's, or its recipe's encoding (WDM: sub-bands)."""
+    return tuple(spec.get_recipe().encode(x0, cfg).shape)
 
 
 def noise_seed(seed: int, volume: int, draw: int) -> int:
@@ -191,12 +144,12 @@ def score_denoising(
             ).to(dev)
             xb = x0.expand(len(draws), -1, -1, -1, -1)
             tt = torch.full((len(draws),), int(t), dtype=torch.long, device=dev)
-            x_t = noisy_input(xb, noise, tt, sched, spec=spec)
+            x_t = diffusion.noisy_input(xb, noise, tt, sched, spec=spec)
             if autocast_dtype is not None:
                 with torch.autocast(device_type=dev.type, dtype=autocast_dtype):
-                    x0_hat = predict_x0(model, x_t, tt, sched, spec=spec, cfg=cfg)
+                    x0_hat = diffusion.predict_x0(model, x_t, tt, sched, spec=spec, cfg=cfg)
             else:
-                x0_hat = predict_x0(model, x_t, tt, sched, spec=spec, cfg=cfg)
+                x0_hat = diffusion.predict_x0(model, x_t, tt, sched, spec=spec, cfg=cfg)
             x0_hat = x0_hat.float().clamp(-1.0, 1.0)
             if not torch.isfinite(x0_hat).all():
                 raise FloatingPointError(f"the model's prediction at t={t} is not finite (training diverged?)")

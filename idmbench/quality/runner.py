@@ -9,7 +9,7 @@ in_channels=C, out_channels=C, preset=P)``):
 3. generate ``samples`` volumes with DDIM and save their mid-slices (:mod:`.samples`).
 
 A model that fails (out of memory, a diverging loss, any exception) gets ``error`` rows with a one-line
-reason and the run goes on. Ctrl-C keeps every row written so far and marks ``run.json`` interrupted;
+reason and the run goes on. Ctrl-C (or SIGTERM) keeps every row written so far and marks ``run.json`` interrupted;
 ``--resume DIR`` skips models whose rows and samples are complete.
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,74 +28,13 @@ from typing import Any, TextIO
 import torch
 
 from . import files as Q
+from .options import QualityOptions
 
 logger = logging.getLogger(__name__)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
-@dataclass
-class QualityOptions:
-    """Validated settings of a quality run (see ``run_bench.py quality --help`` for each)."""
-
-    models: list[str]
-    presets: dict[str, str]
-    size: tuple[int, int, int]
-    data: str
-    out: Path
-    modalities: list[str] | None = None
-    train_steps: int = 200
-    batch: int = 1
-    lr: float = 1e-4
-    seed: int = 0
-    eval_t: tuple[int, ...] | list[int] = (50, 250, 500)
-    noise_draws: int = 4
-    samples: int = 2
-    sample_steps: int = 50
-    heldout_fraction: float = 0.2
-    synthetic_volumes: int = 8
-    max_volumes: int | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    resume: bool = False
-
-    @property
-    def size_label(self) -> str:
-        from ..results import size_label
-
-        return size_label(self.size)
-
-    def settings(self) -> dict[str, Any]:
-        """The budget (what ``--resume`` keeps), JSON-able."""
-        return {
-            "models": list(self.models), "presets": dict(self.presets), "data": self.data, "size": self.size_label,
-            "modalities": self.modalities, "train_steps": self.train_steps, "batch": self.batch, "lr": self.lr,
-            "seed": self.seed, "eval_t": list(self.eval_t), "samples": self.samples, "sample_steps": self.sample_steps,
-            "noise_draws": self.noise_draws, "heldout_fraction": self.heldout_fraction,
-            "synthetic_volumes": self.synthetic_volumes, "max_volumes": self.max_volumes,
-            "precision": self.precision, "device": self.device,
-        }
-
-    def command(self) -> str:
-        """The command line that reruns exactly this budget."""
-        ps = set(self.presets.values())
-        preset = next(iter(ps)) if len(ps) == 1 else ",".join(f"{m}={p}" for m, p in self.presets.items())
-        args = ["--models", ",".join(self.models), "--data", self.data, "--size", self.size_label,
-                "--train-steps", self.train_steps, "--preset", preset, "--batch", self.batch, "--lr", f"{self.lr:g}",
-                "--device", self.device, "--precision", self.precision, "--seed", self.seed,
-                "--eval-t", ",".join(map(str, self.eval_t)), "--noise-draws", self.noise_draws,
-                "--samples", self.samples, "--sample-steps", self.sample_steps,
-                "--heldout-fraction", f"{self.heldout_fraction:g}"]
-        if self.modalities:
-            args += ["--modalities", ",".join(self.modalities)]
-        if self.data == "synthetic":
-            args += ["--synthetic-volumes", self.synthetic_volumes]
-        if self.max_volumes:
-            args += ["--max-volumes", self.max_volumes]
-        args += ["--out", str(self.out)]
-        return " ".join(shlex.quote(str(a)) for a in ["python", "run_bench.py", "quality", *args])
 
 
 class QualityRun:
@@ -187,6 +126,13 @@ class QualityRun:
         o = self.o
         self._log(f"quality run: {', '.join(o.models)} | {o.size_label} | {o.train_steps} steps x batch {o.batch} | "
                   f"lr {o.lr:g} | seed {o.seed} | {o.device} {o.precision} -> {self.dir}")
+        def on_term(signum: int, frame: Any) -> None:  # noqa: ARG001 - a kill ends like Ctrl-C: rows kept
+            raise KeyboardInterrupt()
+
+        try:
+            old_term = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread
+            old_term = None
         try:
             for i, name in enumerate(o.models):
                 self.run_model(name, i)
@@ -197,6 +143,9 @@ class QualityRun:
             self._log(f"resume with: python run_bench.py quality --resume {shlex.quote(str(self.dir))}")
             self.summarise()
             return 130
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
         self._write_meta(finished=_now(), status="complete")
         self.summarise()
         return 1 if self.failed and len(self.failed) == len(o.models) else 0

@@ -9,7 +9,6 @@ convention for a (x, y, z) = (D, H, W) volume: axial ``[:, :, W//2]``, coronal `
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,16 +42,10 @@ def generate_sample(
 ) -> torch.Tensor:
     """Sample ``k``: a (C, D, H, W) volume from ``steps`` DDIM steps (eta 0) of the whole volume ``shape`` = (C, D, H, W)."""
     model.eval()
-    kw: dict[str, Any] = {}
-    params = inspect.signature(diffusion.sample).parameters
-    if "spec" in params:  # the shared sampler knows each model's target / space when it takes the spec
-        kw["spec"] = spec
-    if "cfg" in params and cfg is not None:
-        kw["cfg"] = cfg
     gen = torch.Generator().manual_seed(sample_seed(seed, k))
     x = diffusion.sample(
         model, (1, *[int(s) for s in shape]), num_inference_steps=int(steps), generator=gen, device=device,
-        autocast_dtype=autocast_dtype, **kw,
+        autocast_dtype=autocast_dtype, spec=spec,
     )
     return x[0].float().cpu()
 
