@@ -52,7 +52,8 @@ DEFAULT_PRESET = "small"
 PATCHDDM_SOURCES = {
     "paper": "PatchDDM-3D public code run.sh (model 'patchddm'): num_channels 29, channel_mult 1,3,4,4,4,4,4, "
     "num_res_blocks 2, num_groups 29, additive_skips True, attention_resolutions empty, bottleneck_attention False, "
-    "use_scale_shift_norm False, 3 coordinate channels, 128^3 training crops of 256^3 volumes, whole-volume sampling",
+    "use_scale_shift_norm False, 3 coordinate channels, 128^3 training crops of 256^3 volumes, whole-volume sampling, "
+    "lr 1e-5, batch 1 (the reference trains with use_fp16=True; here the precision is the sweep's --precision)",
     "small": "PatchDDM-3D's pattern (multipliers 1,3,4,4, groups = base, additive skips, no attention) at base 12, "
     "parameter-matched (±5 %) to the other models' small preset; half-side training patches",
     "tiny": "test size; PatchDDM-3D's layout (additive skips, no attention, half-side patches)",
