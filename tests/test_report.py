@@ -59,15 +59,18 @@ def model_peak(model: str, side: int, phase: str) -> int:
 
 def write_run(run_dir: Path, models=("idm", "unet", "unet-ckpt", "patchddm"), sizes=SIZES, phases=("train", "sample"),
               budgets=True, run_json=True, error_text="RuntimeError: worker exited with signal 9", gpu=False,
-              energy: dict[str, str] | None = None) -> Path:
+              energy: dict[str, str] | None = None, measured: set[str] | None = None, failures: bool = True,
+              preset: str = "tiny") -> Path:
     """Write results.csv (+ run.json, budgets.csv) as the harness would for a CPU sweep (``gpu``: a CUDA
     sweep: allocator peaks, reserved and NVML memory, NVML energy); return run_dir.
 
     unet train 64³ is an ``oom`` (measured attempt under a memory limit, with its prediction), unet-ckpt
     sample 32³ an ``error`` carrying ``error_text``, patchddm train 64³ a ``timeout``; the rest is ``ok``
     at the measured sizes and ``predicted`` above them. ``energy`` maps a model to its energy_source
-    (default codecarbon-estimate on CPU, nvml on GPU).
+    (default codecarbon-estimate on CPU, nvml on GPU); ``measured`` replaces the measured sizes (an empty
+    set: a predict-only run); ``failures=False`` leaves the three failures out; ``preset`` names the preset.
     """
+    measured_sizes, idm_64_measured = (MEASURED, True) if measured is None else (set(measured), False)
     ctx = 400 * 2**20
     device, device_name = ("cuda:0", "NVIDIA H100 80GB HBM3") if gpu else ("cpu", "Intel(R) Xeon(R) CPU @ 2.20GHz")
     run_dir = Path(run_dir)
@@ -80,19 +83,19 @@ def write_run(run_dir: Path, models=("idm", "unet", "unet-ckpt", "patchddm"), si
             for phase in phases:
                 peak = model_peak(model, side, phase)
                 net = int(side * m["net"]) if phase == "train" else side
-                row = ResultRow(model=model, preset="tiny", size=size, phase=phase, params=m["params"], device=device,
+                row = ResultRow(model=model, preset=preset, size=size, phase=phase, params=m["params"], device=device,
                                 voxels=side**3, net_shape=f"{net}x{net}x{net}", batch=1, precision="fp32", steps=2,
                                 warmup=1, device_name=device_name, torch_version="2.13.0",
                                 git_rev="359c327", timestamp="2025-01-01T12:00:00", seed=0)
                 row.flops_per_step = 2.0e3 * side**3 * (3 if phase == "train" else 1)
                 failure = {("unet", "64", "train"): "oom", ("unet-ckpt", "32", "sample"): "error",
-                           ("patchddm", "64", "train"): "timeout"}.get((model, size, phase))
+                           ("patchddm", "64", "train"): "timeout"}.get((model, size, phase)) if failures else None
                 if failure:
                     row.status = failure
                     row.predicted_peak_bytes = peak
                     row.error = {"oom": "out of memory: worker hit --cpu-memory-limit 2GiB",
                                  "error": error_text, "timeout": "no result within --timeout 600 s"}[failure]
-                elif size in MEASURED or (model == "idm" and size == "64"):
+                elif size in measured_sizes or (idm_64_measured and model == "idm" and size == "64"):
                     t = m["time"] * (3 if phase == "train" else 1) * 2.0e-7 * net**3 + 0.01
                     measured = int(peak * (1.0 + 0.02 * (side % 3)))
                     row.status, row.mem_source = "ok", "cuda-allocator" if gpu else "cpu-tensors"
@@ -120,8 +123,8 @@ def write_run(run_dir: Path, models=("idm", "unet", "unet-ckpt", "patchddm"), si
     if run_json:
         meta = {
             "command": "python run_bench.py --models " + ",".join(models) + " --sizes " + ",".join(sizes)
-                       + " --preset tiny --steps 2 --warmup 1 --budget 16GiB,24GiB,40GiB,80GiB",
-            "models": list(models), "presets": {m: "tiny" for m in models}, "sizes": list(sizes),
+                       + f" --preset {preset} --steps 2 --warmup 1 --budget 16GiB,24GiB,40GiB,80GiB",
+            "models": list(models), "presets": {m: preset for m in models}, "sizes": list(sizes),
             "phases": list(phases), "steps": 2, "warmup": 1, "batch": 1, "precision": "fp32", "device": device,
             "device_name": device_name, "torch_version": "2.13.0", "cuda_version": "12.8" if gpu else None,
             "driver": "570.86" if gpu else None, "cpu_model": "Intel(R) Xeon(R) CPU @ 2.20GHz", "git_rev": "359c327",
@@ -140,7 +143,7 @@ def write_run(run_dir: Path, models=("idm", "unet", "unet-ckpt", "patchddm"), si
                 pred = model_peak(model, side, "train") if fits else ""
                 peak = pred + ctx if fits else ""
                 capped = bool(fits) and side == 512
-                lines.append(f"{model},tiny,{gib}GiB,{gib * 2**30},{side},{peak},{pred},{ctx},1,fp32,{capped},"
+                lines.append(f"{model},{preset},{gib}GiB,{gib * 2**30},{side},{peak},{pred},{ctx},1,fp32,{capped},"
                              f"predicted,{'search capped at 512' if capped else ''}")
         (run_dir / "budgets.csv").write_text("\n".join(lines) + "\n")
     return run_dir

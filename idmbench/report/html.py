@@ -117,7 +117,8 @@ def run_facts(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
             ("presets", _get(m, "presets", _first(f["preset"]) if len(f) else "")),
             ("volume sizes", sizes_txt),
             ("phases", _get(m, "phases", ", ".join(phase_order(f)))),
-            ("timed steps / warm-up", " / ".join(x for x in (_get(m, "steps"), _get(m, "warmup")) if x)),
+            ("timed steps / warm-up", "none: --predict, every figure predicted" if m.get("predict_only") is True
+             else " / ".join(x for x in (_get(m, "steps"), _get(m, "warmup")) if x)),
             ("batch", _get(m, "batch")),
             ("precision", _get(m, "precision", _first(f["precision"]) if len(f) else "")),
             ("parameters", params_txt),

@@ -60,23 +60,35 @@ def _mem_series(ax, cells: dict[tuple[str, str], MemCell], lab: str, color: str,
 def _mem_sources(run: RunData, phases: tuple[str, ...]) -> str:
     sub = run.frame[run.frame["phase"].isin(phases) & (run.frame["status"] == "ok")]
     srcs = [s for s in dict.fromkeys(sub["mem_source"]) if s and s != "predicted"]
-    return ", ".join(srcs) or "none measured"
+    return ", ".join(srcs)
+
+
+def _measured_text(run: RunData, phase: str, what: str) -> str:
+    srcs = _mem_sources(run, (phase,))
+    return f"measured = {srcs} peak of {what}" if srcs else f"nothing measured in the {phase} phase"
 
 
 def _context_note(run: RunData) -> str:
     return "CUDA context not included in the points" if run.on_gpu else "no CUDA context (a CPU run)"
 
 
-def _has_points(cells: dict[tuple[str, str], MemCell]) -> bool:
-    return any((c.bytes and c.bytes > 0) or c.failed for c in cells.values())
+def _no_points(cells: dict[tuple[str, str], MemCell], phase: str) -> str:
+    """Why a memory figure has nothing to draw ('' when it has): no row, or every row failed."""
+    if any(c.bytes and c.bytes > 0 for c in cells.values()):
+        return ""
+    failed = [c.status for c in cells.values() if c.failed]
+    if failed:
+        counts = ", ".join(f"{failed.count(s)} {s}" for s in dict.fromkeys(failed))
+        return f"every {phase} configuration failed ({counts}) and none has a prediction; see the failures table"
+    return ""
 
 
 def memory_figure(run: RunData) -> Figure | Omitted:
     """Peak training memory vs volume side, log–log, with grey lines at the GPU memory sizes."""
     key, title = "fig-memory", "Peak memory of one training step vs volume side"
     cells = memory_cells(run.frame, "train")
-    if not _has_points(cells):
-        return Omitted(key, title, "no training row has a memory figure (measured or predicted)")
+    if not cells or _no_points(cells, "training"):
+        return Omitted(key, title, _no_points(cells, "training") or "no training rows in this run")
     fig, (ax,) = new(height=5.4)
     style = model_style(run.labels)
     kinds: set[str] = set()
@@ -93,8 +105,8 @@ def memory_figure(run: RunData) -> Figure | Omitted:
     ax.set_ylabel("peak memory per training step")
     outside_legend(ax, model_handles(run, present) + provenance_handles(sorted(kinds), failed="failed" in kinds))
     ax.set_title(title, fontsize=11)
-    src = (f"measured = {_mem_sources(run, ('train',))} peak of one step; predicted = the same step under "
-           f"FakeTensorMode (live tensors, no allocator fragmentation); {_context_note(run)}.")
+    src = (f"{_measured_text(run, 'train', 'one step')}; predicted = the same step under FakeTensorMode (live "
+           f"tensors, no allocator fragmentation); {_context_note(run)}.")
     footer(fig, src)
     caption = ("A hollow ring around a filled point is the prediction at a measured size. Grey lines: GPU memory "
                "sizes (16/24/40/80 GiB). Source: " + src)
@@ -107,8 +119,9 @@ def sampling_figure(run: RunData) -> Figure | Omitted:
     key, title = "fig-sampling", "Sampling memory vs volume side (training step faint)"
     sample = memory_cells(run.frame, "sample")
     train = memory_cells(run.frame, "train")
-    if not _has_points(sample):
-        return Omitted(key, title, "no sampling row has a memory figure (--phases did not include sample?)")
+    if not sample or _no_points(sample, "sampling"):
+        return Omitted(key, title, _no_points(sample, "sampling") or
+                       "no sampling rows in this run (--phases did not include sample?)")
     fig, (ax,) = new(height=5.4)
     style = model_style(run.labels)
     kinds: set[str] = set()
@@ -130,8 +143,8 @@ def sampling_figure(run: RunData) -> Figure | Omitted:
     handles.append(Line2D([], [], color="#333333", marker="o", ms=5, alpha=FAINT, label="faint: training step"))
     outside_legend(ax, handles)
     ax.set_title(title, fontsize=11)
-    src = (f"measured = {_mem_sources(run, ('sample',))} peak of one denoising step on the whole volume; "
-           f"predicted = FakeTensorMode; {_context_note(run)}.")
+    src = (f"{_measured_text(run, 'sample', 'one denoising step on the whole volume')}; predicted = "
+           f"FakeTensorMode; {_context_note(run)}.")
     footer(fig, src)
     patch_txt = (f" {', '.join(patch_models)} train(s) on patches, so the faint training curve sits below the "
                  "sampling curve: sampling runs the network on the whole volume.") if patch_models else ""
@@ -178,12 +191,19 @@ def _measured(run: RunData, col: str):
     return f[(f["status"] == "ok") & (f[col] > 0) & (f["side"] > 0)]
 
 
+def _nothing_measured(run: RunData) -> str:
+    """The reason a measured-only figure is left out when no row of the run was measured, else ''."""
+    if (run.frame["status"] == "ok").any():
+        return ""
+    return "nothing was measured in this run (every row was predicted or failed)"
+
+
 def throughput_figure(run: RunData) -> Figure | Omitted:
     """Voxels the network processes per second vs volume side, a panel per phase; measured rows only."""
     key, title = "fig-throughput", "Throughput vs volume side"
     ok = _measured(run, "voxels_per_s")
     if not len(ok):
-        return Omitted(key, title, "no measured throughput in this run (every row failed or was predicted)")
+        return Omitted(key, title, _nothing_measured(run) or "no measured row has a throughput figure")
     src = f"voxels_per_s from the {_timing_note(run)}; measured rows only (device: {_devices(run)})."
     caption = f"Throughput = {THROUGHPUT_MEANING}; higher is better."
     return per_phase_figure(run, key=key, title=title, frame=ok, value="voxels_per_s", ylabel="voxels / s",
@@ -215,7 +235,8 @@ def energy_figure(run: RunData) -> Figure | Omitted:
     key, title = "fig-energy", "Energy per step vs volume side"
     ok = _measured(run, "energy_j_per_step")
     if not len(ok):
-        return Omitted(key, title, "no energy figures in this run (energy_source is none for every measured row)")
+        return Omitted(key, title, _nothing_measured(run) or
+                       "no energy figures in this run (energy_source is none for every measured row)")
     if (ok["energy_source"] == ESTIMATE_SOURCE).all():
         return Omitted(key, title, energy_sentence(run))
     srcs = ", ".join(dict.fromkeys(ok["energy_source"]))
@@ -233,7 +254,8 @@ def tradeoff_figure(run: RunData) -> Figure | Omitted:
     f = run.frame
     ok = f[(f["status"] == "ok") & (f["phase"] == "train") & (f["peak_mem_bytes"] > 0) & (f["step_time_s"] > 0)]
     if not len(ok):
-        return Omitted(key, title, "no measured training row has both a memory figure and a step time")
+        return Omitted(key, title, _nothing_measured(run) or
+                       "no measured training row has both a memory figure and a step time")
     style = model_style(run.labels)
     fig, (ax,) = new()
     for lab in run.labels:

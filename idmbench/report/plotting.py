@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from .data import RunData, phase_order
 from ..units import GPU_SIZES_GIB, GiB, own_unit
@@ -62,13 +63,19 @@ def legend_sentence() -> str:
 @dataclass
 class Figure:
     """One figure of the page: an anchor ``key``, a ``title``, a ``caption`` (what it shows and where the
-    numbers came from) and the PNG as base64 text."""
+    numbers came from) and the matplotlib figure, rendered to PNG (base64) when the page asks for it."""
 
     key: str
     title: str
     caption: str
-    png_b64: str
-    mpl: MplFigure | None = field(default=None, repr=False, compare=False)
+    mpl: MplFigure = field(repr=False, compare=False)
+    _png: str = field(default="", repr=False, compare=False)
+
+    @property
+    def png_b64(self) -> str:
+        if not self._png:
+            self._png = png(self.mpl)
+        return self._png
 
     @property
     def data_uri(self) -> str:
@@ -85,9 +92,7 @@ class Omitted:
 
 
 def finish(key: str, title: str, caption: str, fig: MplFigure) -> Figure:
-    out = Figure(key, title, caption, png(fig))
-    out.mpl = fig  # kept for inspection (tests); the page uses only the PNG
-    return out
+    return Figure(key, title, caption, fig)
 
 
 def mpl_text(s: object) -> str:
@@ -182,33 +187,40 @@ def plain_tick(v: float, _pos: object = None) -> str:
 
 
 def byte_tick(v: float, _pos: object = None) -> str:
-    """A byte count in its own binary unit: 2**40 -> "1 TiB", 2**29 -> "512 MiB"."""
+    """A byte count in its own binary unit: one TiB -> "1 TiB", half a GiB -> "512 MiB"."""
     if v <= 0:
         return ""
     name, scale = own_unit(v)
     return f"{v / scale:g} {name}"
 
 
+def _ticks(lo: float, hi: float, base: float, subs: tuple[float, ...]) -> list[float]:
+    """Every ``s × base**k`` (s in ``subs``) from just below ``lo`` to just above ``hi``."""
+    k0, k1 = math.floor(math.log(lo, base)) - 1, math.ceil(math.log(hi, base)) + 1
+    return sorted(s * base**k for k in range(k0, k1 + 1) for s in subs)
+
+
 def log_axis(ax, which: str = "y", nbytes: bool = False) -> None:
-    """Log scale on ``which`` after the data is drawn; ticks at powers of 4 (bytes: 1 MiB, 4 MiB, …, 1 GiB)
-    or 10, denser when the data spans less than about three ticks, labelled without e-notation."""
+    """Log scale on ``which`` after the data is drawn, ending on labelled ticks: powers of 4 for bytes
+    (1 MiB, 4 MiB, …, 1 GiB, then powers of 2 when that gives fewer than three), else 1/2/5 × 10^k as
+    needed; labels without e-notation (bytes in their own binary unit)."""
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     ax.autoscale_view()
     lo, hi = sorted(ax.get_ylim() if which == "y" else ax.get_xlim())
-    candidates = [LogLocator(base=4.0, numticks=16), LogLocator(base=2.0, numticks=16)] if nbytes else \
-        [LogLocator(base=10.0), LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)),
-         LogLocator(base=10.0, subs=tuple(range(1, 10)))]
-    loc = candidates[-1]
-    for cand in candidates:
-        if len([t for t in cand.tick_values(lo, hi) if lo <= t <= hi]) >= 3:
-            loc = cand
+    lo = max(lo, hi * 1e-12, 1e-300)
+    options = [(4.0, (1.0,)), (2.0, (1.0,))] if nbytes else \
+        [(10.0, (1.0,)), (10.0, (1.0, 2.0, 5.0)), (10.0, tuple(float(i) for i in range(1, 10)))]
+    ticks, lim = [], (lo, hi)
+    for base, subs in options:  # the sparsest ticks that give >= 3 once the axis ends on ticks
+        cand = _ticks(lo, hi, base, subs)
+        below, above = max(t for t in cand if t <= lo), min(t for t in cand if t >= hi)
+        inside = [t for t in cand if below <= t <= above]
+        ticks, lim = inside, (below, above)
+        if len(inside) >= 3 and above / below <= 4 * (hi / lo):  # enough ticks, the data not squeezed
             break
-    ticks = list(loc.tick_values(lo, hi))
-    below, above = [t for t in ticks if 0 < t <= lo], [t for t in ticks if t >= hi]
-    if below and above and above[0] / below[-1] < (hi / lo) * 4:  # end on a labelled tick, unless far off
-        (ax.set_ylim if which == "y" else ax.set_xlim)(below[-1], above[0])
-    axis.set_major_locator(loc)
+    (ax.set_ylim if which == "y" else ax.set_xlim)(*lim)
+    axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(byte_tick if nbytes else plain_tick))
     axis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", axis=which, alpha=0.3)

@@ -20,16 +20,16 @@ from typing import Any
 
 import pandas as pd
 
-from .data import RunData
+from .data import RunData, size_text
 from .plotting import (FAINT, Figure, Omitted, finish, footer, log_axis, model_style, new, outside_legend, point,
                        provenance_handles)
 from .tables import Table
-from ..units import fmt_bytes, fmt_num, is_missing
+from ..units import MiB, fmt_bytes, fmt_num, is_missing
 
 #: at most this many sample images are inlined (each is a base64 copy of the PNG)
 MAX_SAMPLES = 48
 #: and none bigger than this (bytes)
-MAX_SAMPLE_BYTES = 2 * 1024**2
+MAX_SAMPLE_BYTES = 2 * MiB
 ESTIMATE = "codecarbon-estimate"
 MEASURED_ENERGY = ("nvml", "codecarbon-rapl")
 
@@ -115,11 +115,11 @@ def cost_table(run: RunData) -> Table | None:
         energy = cell("train_energy_j")
         rows.append([
             r["label"], str(_get(r, "preset") or ""), cell("params", lambda v: fmt_num(float(v) / 1e6)),
-            str(_get(r, "size") or ""), cell("train_steps", lambda v: f"{int(v):,}"), cell("batch", lambda v: f"{int(v)}"),
+            size_text(str(_get(r, "size") or "")), cell("train_steps", lambda v: f"{int(v):,}"), cell("batch", lambda v: f"{int(v)}"),
             cell("train_time_s"), energy + (f" ({energy_src})" if energy and energy_src else ""),
             cell("energy_per_param_j", lambda v: fmt_num(v, 3)),
             cell("peak_train_mem_bytes", lambda v: fmt_bytes(v, None, True)) + (f" ({mem_src})" if mem_src else ""),
-            cell("final_loss", lambda v: fmt_num(v, 4)),
+            cell("final_loss", lambda v: fmt_num(v, 3)),
         ])
     header = ["model", "preset", "parameters (M)", "volume", "training steps", "batch", "training time (s)",
               "training energy (J, source)", "energy per parameter (J)", "peak training memory (source)",
