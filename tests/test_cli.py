@@ -3,7 +3,6 @@ explains every flag with units; the report and check subcommands dispatch."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -14,11 +13,7 @@ import torch
 import idmbench
 from idmbench import cli
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run_bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+from conftest import run_cli
 
 
 def _unaccepted_side(name: str, preset: str = "tiny") -> int:
@@ -183,3 +178,98 @@ def test_default_preset_falls_back_per_model_on_cuda(monkeypatch, tmp_path, caps
     argv2 = argv + ["--preset", "paper"]
     with pytest.raises(C.UsageError, match=r"patchddm needs every side divisible by 64.*valid sides are multiples of 128"):
         C.options_from_args(C.build_parser().parse_args(argv2), argv2)
+
+
+# ---------------------------------------------------------------------------------------- resume, messages
+
+
+def _run_json(d: Path, model: str) -> None:
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "run.json").write_text(json.dumps({
+        "models": [model], "presets": {model: "tiny"}, "sizes": ["16"], "phases": ["train"], "batch": 1, "steps": 2,
+        "warmup": 1, "seed": 3, "precision": "fp32", "device": "cpu", "timeout_s": 100, "min_energy_window_s": 0.5,
+        "max_measure_s": None, "max_sweep_s": 60, "budgets": [], "predict_only": True, "quality": {"kept": 1},
+    }))
+
+
+def test_resume_takes_its_settings_from_run_json(tmp_path):
+    m = "idm" if "idm" in idmbench.list_models() else idmbench.list_models()[0]
+    d = tmp_path / "run"
+    _run_json(d, m)
+    argv = ["--resume", str(d), "--timeout", "50"]
+    opts = cli.options_from_args(cli.parse_args(argv), argv)
+    assert opts.models == [m] and opts.presets == {m: "tiny"} and opts.sizes == [(16, 16, 16)]
+    assert opts.phases == ["train"] and opts.steps == 2 and opts.seed == 3 and opts.min_energy_window_s == 0.5
+    assert opts.max_measure_s == float("inf") and opts.max_sweep_s == 60 and opts.budgets == []
+    assert opts.predict_only and opts.resume and opts.out == d
+    assert opts.timeout_s == 50  # a policy flag given again wins
+
+
+def test_resume_refuses_to_change_what_the_folder_holds(tmp_path, capsys):
+    names = idmbench.list_models()
+    m, other = names[0], names[1]
+    d = tmp_path / "run"
+    _run_json(d, m)
+    for flag, value in (("--models", other), ("--sizes", "32"), ("--preset", "small"), ("--phases", "sample"),
+                        ("--seed", "4")):
+        assert cli.main(["--resume", str(d), flag, value]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"resuming cannot change {flag}" in lines[0] and "--out" in lines[0], lines
+    # the same value is no change
+    ns = cli.parse_args(["--resume", str(d), "--models", m])
+    assert ns.models == [m]
+
+
+def test_plain_messages_for_common_mistakes(tmp_path, capsys):
+    m = "idm" if "idm" in idmbench.list_models() else idmbench.list_models()[0]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli.main(["--models", m, "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "nonexistent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DIR" in err[0]
+    assert cli.main(["--models", m, "report", str(tmp_path)]) == 2
+    assert "goes first" in capsys.readouterr().err
+
+
+def test_size_errors_pass_the_model_s_own_words_through(tmp_path, capsys):
+    m = "idm" if "idm" in idmbench.list_models() else idmbench.list_models()[0]
+    spec = idmbench.get_spec(m)
+    side = spec.valid_sides(spec.config("small")) * 8 + 1
+    with pytest.raises(ValueError) as exc:
+        spec.check_size((side,) * 3, spec.config("small"))
+    assert cli.main(["--models", m, "--sizes", str(side), "--out", str(tmp_path / "o")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"error: {exc.value} (preset small)"
+
+
+@pytest.mark.slow
+def test_every_command_has_help_and_one_line_errors():
+    for cmd in ("report", "check", "quality"):
+        r = run_cli(cmd, "--help", timeout=120)
+        assert r.returncode == 0, (cmd, r.stderr)
+        assert r.stdout.startswith(f"usage: run_bench.py {cmd}"), (cmd, r.stdout[:200])
+        r = run_cli(cmd, "--frobnicate", timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (cmd, r.stderr)
+
+
+@pytest.mark.slow
+def test_console_script_names_itself():
+    import shutil
+
+    exe = Path(sys.executable).with_name("idmbench")
+    exe = exe if exe.exists() else Path(shutil.which("idmbench") or "")
+    if not exe.name or not exe.exists():
+        pytest.skip("the idmbench console script is not installed (pip install -e . creates it)")
+    import subprocess
+
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: idmbench ")
+    r = subprocess.run([str(exe), "--frobnicate"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --frobnicate (see idmbench --help)"]

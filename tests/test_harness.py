@@ -7,12 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -22,57 +20,16 @@ import idmbench
 from idmbench import results as R
 from idmbench.harness import budget as B
 from idmbench.harness.policy import Policy
-from idmbench.harness.progress import Progress, summary_table
-from idmbench.harness.sweep import done_keys, repair_csv, run_worker
+from idmbench.harness.console import summary_table
+from idmbench.harness.progress import Progress
+from idmbench.harness.runner import run_worker
+from idmbench.results import done_keys, repair_csv
+
+from conftest import FAST, REPO, data_lines, popen, wait_rows
+from conftest import bench_models as _models
+from conftest import run_cli as cli
+from conftest import small_sides as _sides
 from idmbench.harness.worker import is_oom, reason_line
-
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["--preset", "tiny", "--steps", "1", "--warmup", "1", "--min-energy-window", "0.2", "--no-report"]
-
-
-def _models() -> list[str]:
-    """The two models the sweep tests use: ``idm`` and a baseline (the first two registered otherwise)."""
-    names = idmbench.list_models()
-    if "idm" in names:
-        other = "unet" if "unet" in names else next(n for n in names if n != "idm")
-        return ["idm", other]
-    return names[:2]
-
-
-def _sides(models: list[str], preset: str = "tiny") -> list[int]:
-    """The two smallest cube sides <= 32 every model accepts."""
-    lcm = 1
-    for m in models:
-        spec = idmbench.get_spec(m)
-        v = spec.valid_sides(spec.config(preset))
-        lcm = lcm * v // math.gcd(lcm, v)
-    sides = [k * lcm for k in range(1, 33) if k * lcm >= 8 and k * lcm <= 32][:2]
-    assert len(sides) == 2, f"no two sides <= 32 fit {models}"
-    return sides
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run_bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def popen(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run_bench.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def data_lines(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [ln for ln in path.read_text().splitlines()[1:] if ln.strip()]
-
-
-def wait_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.monotonic()
-    while len(data_lines(path)) < n:
-        assert proc.poll() is None, f"sweep ended early: {proc.stderr.read() if proc.stderr else ''}"
-        assert time.monotonic() - t0 < timeout, "no row landed in time"
-        time.sleep(0.2)
-
 
 # ---------------------------------------------------------------------------------------- real sweeps
 
@@ -129,13 +86,16 @@ def test_oom_row_and_the_sweep_goes_on(tmp_path):
     """An oversized config under --cpu-memory-limit ends as an 'oom' row; the next configs still run."""
     models = _models()
     small = _sides(models)[0]
-    big = 128
-    for m in models:
-        spec = idmbench.get_spec(m)
-        spec.check_size((big,) * 3, spec.config("tiny"))
     from idmbench.measure.predict import Predictor
 
-    big_peaks = {m: Predictor(m, "tiny").predict(big, "train", flops=False).peak_bytes for m in models}
+    def accepted(side: int) -> bool:
+        return all(side % idmbench.get_spec(m).valid_sides(idmbench.get_spec(m).config("tiny")) == 0 for m in models)
+
+    # the smallest side from 128 up at which one model's predicted training peak exceeds the limit
+    for big in (s for s in (128, 160, 192, 256) if accepted(s)):
+        big_peaks = {m: Predictor(m, "tiny").predict(big, "train", flops=False).peak_bytes for m in models}
+        if max(big_peaks.values()) > 1500 * 2**20:
+            break
     limit = "1500MiB"
     models.sort(key=lambda m: -big_peaks[m])  # the model that overflows first, then the other one
     assert big_peaks[models[0]] > 1500 * 2**20, "one model's big config must exceed the limit"
@@ -425,3 +385,201 @@ def test_model_registered_at_run_time_reaches_the_workers(tmp_path, monkeypatch)
     finally:
         unregister("toy-plugin")
         sys.modules.pop("my_models", None)
+
+
+# ---------------------------------------------------------------------------------------- measure first
+
+
+def _identity_gap(row: R.ResultRow) -> int:
+    """Bytes of persistent state a row implies: peak - activation (the one definition's subtrahend)."""
+    return int(row.peak_mem_bytes) - int(row.activation_bytes)
+
+
+def _check_activation_identity(rows: list[R.ResultRow]) -> None:
+    """peak - activation = parameters (+ gradients + AdamW's two moments, training) + the small rest
+    (AdamW step counters, buffers): 16 bytes per fp32 parameter when training, 4 when sampling."""
+    for r in rows:
+        per_param = 16 if r.phase == "train" else 4
+        state = per_param * int(r.params)
+        rest = _identity_gap(r) - state
+        assert 0 <= rest <= 0.02 * state + 64 * 1024, (r.key(), r.status, _identity_gap(r), state)
+
+
+@pytest.mark.slow
+def test_interrupt_right_after_the_first_row_keeps_it(tmp_path):
+    """Ctrl-C (a SIGINT sent from the row hook, so the timing is exact) right after the first config:
+    that row is on disk; before it only its own prediction ran (no other config predicted, no budget
+    search); the sweep says how to resume; and the measured row satisfies the activation identity."""
+    import os
+
+    from idmbench.harness.sweep import Sweep, SweepOptions
+
+    model = _models()[0]
+    side = _sides([model])[0]
+    out = tmp_path / "run"
+    opts = SweepOptions(models=[model], presets={model: "tiny"}, sizes=[(side,) * 3, (2 * side,) * 3], out=out,
+                        phases=["train", "sample"], steps=1, min_energy_window_s=0.1,
+                        budgets=[("16GiB", 16 * 2**30)], report=False, max_measure_s=600)
+    seen: dict = {}
+
+    def on_row(row):
+        seen.update(row=row, predictions=len(sweep.preds), budgets=(out / "budgets.csv").exists())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    err = io.StringIO()
+    sweep = Sweep(opts, out=io.StringIO(), err=err, on_row=on_row)
+    assert sweep.run() == 130
+    rows = R.read_rows(out / "results.csv")
+    assert [r.key() for r in rows] == [(model, "tiny", str(side), "train")] and rows[0].status == "ok", rows
+    assert seen["predictions"] == 1 and not seen["budgets"]
+    assert "interrupted: 1 finished row(s) kept" in err.getvalue() and f"--resume {out}" in err.getvalue()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert rows[0].warmup == 1 and rows[0].steps >= 1
+    _check_activation_identity(rows)
+
+
+@pytest.mark.slow
+def test_predicted_rows_and_resume_reuses_budget_searches(tmp_path, monkeypatch):
+    """A --predict sweep: rows labelled predicted with nothing warmed up or timed, the activation identity
+    on every row; a resume of the finished folder redoes no budget search, and one that lacks a model's
+    budget rows searches that model only."""
+    import dataclasses
+
+    from idmbench.harness.sweep import SweepOptions, run_sweep
+
+    models = _models()
+    side = _sides(models)[0]
+    out = tmp_path / "pred"
+    opts = SweepOptions(models=models, presets={m: "tiny" for m in models}, sizes=[(side,) * 3], out=out,
+                        phases=["train", "sample"], predict_only=True, budgets=[("1GiB", 2**30)], report=False)
+    err = io.StringIO()
+    assert run_sweep(opts, out=io.StringIO(), err=err) == 0, err.getvalue()
+    rows = R.read_rows(out / "results.csv")
+    assert len(rows) == 4 and all(r.status == "predicted" for r in rows)
+    assert all(r.warmup == 0 and r.steps == 0 and r.step_time_s is None for r in rows)
+    _check_activation_identity(rows)
+    budgets_before = (out / "budgets.csv").read_text()
+    assert [b.model for b in B.read_budgets(out / "budgets.csv")] == models
+
+    real = B.budget_rows
+    monkeypatch.setattr(B, "budget_rows", lambda *a, **k: pytest.fail("a finished budget search was redone"))
+    again = dataclasses.replace(opts, resume=True)
+    assert run_sweep(again, out=io.StringIO(), err=io.StringIO()) == 0
+    assert (out / "budgets.csv").read_text() == budgets_before
+    assert len(R.read_rows(out / "results.csv")) == 4
+
+    B.write_budgets(out / "budgets.csv", [b for b in B.read_budgets(out / "budgets.csv") if b.model != models[1]])
+    searched = []
+    monkeypatch.setattr(B, "budget_rows", lambda model, *a, **k: searched.append(model) or real(model, *a, **k))
+    assert run_sweep(again, out=io.StringIO(), err=io.StringIO()) == 0
+    assert searched == [models[1]]
+    assert (out / "budgets.csv").read_text() == budgets_before
+
+
+# ---------------------------------------------------------------------------------------- how a worker died
+
+
+def test_sigkill_is_labelled_from_evidence():
+    from idmbench.harness.runner import sigkill_result
+
+    GiB = 2**30
+    r = sigkill_result({"cgroup": 0, "system": 4}, {"cgroup": 1, "system": 5}, 3 * GiB, None, 12.0)
+    assert r.status == "oom" and "out-of-memory killer" in r.error and "memory.events" in r.error
+    r = sigkill_result({"system": 4}, {"system": 4}, int(7.9 * GiB), 8 * GiB, 12.0)
+    assert r.status == "oom" and "cgroup memory limit" in r.error
+    r = sigkill_result({"system": 4}, {"system": 4}, 1 * GiB, 8 * GiB, 12.0)
+    assert r.status == "killed" and "SIGKILL, cause unknown" in r.error
+    r = sigkill_result({}, {}, None, None, 1.0)
+    assert r.status == "killed" and "no OOM-kill counter readable" in r.error
+    assert "killed" in R.STATUSES
+
+
+@pytest.mark.slow
+def test_a_worker_killed_from_outside_is_killed_not_oom(tmp_path):
+    import threading
+
+    m = _models()[0]
+    cfg = {"model": m, "preset": "tiny", "size": [16, 16, 16], "phase": "train", "steps": 10**6,
+           "min_energy_window_s": 10**6}
+    me = psutil.Process()
+
+    def kill_the_worker() -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            for c in me.children(recursive=True):
+                try:
+                    if "idmbench.harness.worker" in " ".join(c.cmdline()):
+                        time.sleep(1.0)
+                        c.send_signal(signal.SIGKILL)
+                        return
+                except psutil.Error:
+                    pass
+            time.sleep(0.1)
+
+    th = threading.Thread(target=kill_the_worker, daemon=True)
+    th.start()
+    res = run_worker(cfg, timeout_s=300, log_path=tmp_path / "w.log")
+    th.join(timeout=5)
+    assert res.status == "killed", res
+    assert "SIGKILL, cause unknown" in res.error
+
+
+# ---------------------------------------------------------------------------------------- time estimates
+
+
+def test_estimator_learns_from_measured_configs():
+    from idmbench.harness import estimate as X
+    from idmbench.harness.records import WorkerResult
+
+    est = X.TimeEstimator(flop_rate=1e10, steps=3, warmup=1, min_window_s=1.0,
+                          family_of=lambda m: "unet" if m.startswith("unet") else m)
+    # nothing measured: the prior, labelled a guess
+    e = est.estimate("idm", "train", 1e10)
+    t = (1e10 / X.PRIOR_EFFICIENCY + X.PRIOR_STEP_FLOPS) / 1e10
+    assert e.guess and e.step_s == pytest.approx(t)
+    assert e.seconds == pytest.approx(X.WORKER_STARTUP_S + X.METER_OVERHEAD_S
+                                      + (X.FIRST_STEP_FACTOR + X.TRACKED_STEP_FACTOR + 3) * t)
+    # one measured config: step time, untimed steps (warm-up + tracked step) and overhead are learned
+    res = WorkerResult(status="ok", step_time_s=2.0, phase_s={"warmup": 3.0, "track": 5.0, "window": 6.0, "process": 30.0})
+    est.learn("idm", "train", 1e10, res)
+    e = est.estimate("idm", "train", 1e10)
+    assert not e.guess and e.step_s == pytest.approx(2.0)
+    assert e.seconds == pytest.approx(30.0)  # 16 s overhead + (4 untimed + 3 timed) x 2 s: the run it learned from
+    assert est.step_s("idm", "train", 8e10) == pytest.approx(2.0 * 8 ** X.SCALE_EXPONENT)
+    # two sizes: the affine fit through them (fixed per-step cost + FLOPs / rate)
+    est.learn_rate("idm", "train", 8e10, 9.0)  # slope 1e-10 s/FLOP, fixed cost 1 s
+    assert est.step_s("idm", "train", 64e10) == pytest.approx(1.0 + 64.0)
+    # a family member informs the other; other families do not
+    est.learn_rate("unet", "sample", 1e10, 0.5)
+    assert est.estimate("unet-ckpt", "sample", 1e10).guess is False
+    assert est.estimate("patchddm", "sample", 1e10).guess is True
+    # the overhead learned for idm is the best guess for a model not yet run
+    assert est.estimate("patchddm", "sample", 1e10).seconds > 16.0
+
+
+def test_run_json_keeps_other_keys_and_describes_the_models(tmp_path):
+    """run.json: a resumed sweep keeps its first command and what a quality run wrote into the same
+    folder (even a write that lands while the sweep runs), and says how each model was configured."""
+    from idmbench.harness.metadata import RunMeta
+    from idmbench.harness.sweep import SweepOptions
+
+    m = _models()[0]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"command": "python run_bench.py first", "quality": {"rows": 3}}))
+    opts = SweepOptions(models=[m], presets={m: "tiny"}, sizes=[(16, 16, 16)], out=tmp_path, resume=True,
+                        command="python run_bench.py --resume x", env={"torch_version": "t"})
+    meta = RunMeta(path)
+    meta.start(opts)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["quality"] == {"rows": 3} and on_disk["command"] == "python run_bench.py first"
+    assert on_disk["resumed"][0]["command"] == "python run_bench.py --resume x"
+    info = on_disk["model_info"][m]
+    assert info == json.loads(json.dumps(idmbench.get_spec(m).describe(idmbench.get_spec(m).config("tiny"), "tiny")))
+    assert "attention" in info and info["preset"] == "tiny"
+    data = json.loads(path.read_text())
+    data["quality"] = {"rows": 4}
+    data["quality_extra"] = True
+    path.write_text(json.dumps(data))  # a quality run writes meanwhile
+    meta.finish("complete")
+    final = json.loads(path.read_text())
+    assert final["quality"] == {"rows": 4} and final["quality_extra"] is True and final["status"] == "complete"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..measure.predict import CUDA_CONTEXT_BYTES
 from ..results import STATUS_OK, read_rows
-from .progress import render_table
+from .console import render_table
 from ..units import format_bytes
 
 TOLERANCE = {"cpu-tensors": (0.90, 1.10), "cuda-allocator": (0.90, 1.25)}

@@ -54,6 +54,7 @@ class RunMeta:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = {}
+        self._own: set[str] = set()  # the keys this sweep writes; every other key is read back from disk
 
     def start(self, opts: Any) -> None:
         """Write the metadata of a sweep about to run (``opts``: :class:`~idmbench.harness.sweep.SweepOptions`)."""
@@ -63,7 +64,7 @@ class RunMeta:
         if prev:
             resumed.append({"at": now_iso(), "command": o.command})
         self.data = dict(prev)  # keeps keys others wrote (e.g. "quality")
-        self.data.update({
+        self._set({
             "command": prev.get("command", o.command),
             "models": o.models,
             "presets": {m: o.presets[m] for m in o.models},
@@ -100,24 +101,28 @@ class RunMeta:
             "resumed": resumed,
             "out": str(o.out),
         })
+
+    def _set(self, values: dict[str, Any]) -> None:
+        self._own.update(values)
+        self.data.update(values)
         self._write()
 
     def update(self, **values: Any) -> None:
         """Set top-level keys and rewrite the file."""
-        self.data.update(values)
-        self._write()
+        self._set(values)
 
     def finish(self, status: str) -> None:
         """Mark the run ``complete`` or ``interrupted`` with the time it ended."""
         self.update(finished=now_iso(), status=status)
 
     def _write(self) -> None:
-        # another process (a quality run) may have added keys since we read the file: keep them
+        # another process (a quality run) may have written its keys since we read the file: keep its values
         try:
             on_disk = read_run_json(self.path)
         except ValueError as exc:
             logger.warning("%s; rewriting it", exc)
             on_disk = {}
         for k, v in on_disk.items():
-            self.data.setdefault(k, v)
+            if k not in self._own:
+                self.data[k] = v
         R.write_json(self.path, self.data)

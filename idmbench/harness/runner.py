@@ -32,7 +32,7 @@ from typing import Any, Mapping, Protocol
 
 from .. import results as R
 from ..registry import get_spec
-from ..units import format_bytes
+from ..units import KiB, format_bytes
 from .records import WorkerConfig, WorkerResult
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ PKG_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5  # how often the sweep looks at a running worker (s)
 #: peak RSS at or above this fraction of the cgroup memory limit counts as evidence of an OOM kill
 RSS_AT_LIMIT = 0.95
+#: cgroup v1 reports "no limit" as a number near 2^63 (bytes): anything above this is no limit
+_NO_LIMIT = 2**60
 
 
 class Ticker(Protocol):
@@ -106,7 +108,7 @@ def cgroup_memory_limit_bytes() -> int | None:
         except OSError as exc:
             logger.debug("cgroup memory limit unreadable (%s)", exc)
             continue
-        if text != "max" and int(text) < 2**60:
+        if text != "max" and int(text) < _NO_LIMIT:
             return int(text)
     return None
 
@@ -116,7 +118,7 @@ def peak_rss_of(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * KiB
     except (OSError, ValueError):  # gone between two polls, or no procfs: no evidence, not an error
         return None
     return None

@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..units import GiB
+from ..units import GiB, KiB
 from .records import STATUS_SKIPPED, WorkerConfig, WorkerResult
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def vm_size_bytes() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * KiB
     except OSError as exc:
         logger.warning("/proc/self/status unreadable (%s): address-space cap taken from 0", exc)
     return 0
@@ -74,7 +74,7 @@ def vm_size_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (``ru_maxrss``; kilobytes on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return int(rss if sys.platform == "darwin" else rss * KiB)
 
 
 def is_oom(exc: BaseException) -> bool:
