@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..units import KiB
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ def available_ram_bytes() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * KiB
     except OSError as exc:
         _say_once("/proc/meminfo", _why(exc) + "; using sysconf free pages")
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
