@@ -190,6 +190,7 @@ def test_quality_end_to_end_writes_every_file_and_column(tmp_path, capsys):
     q = meta["quality"]
     assert RUN_JSON_KEYS <= set(q)
     assert q["status"] == "complete" and q["models"] == ["idm", "unet"] and q["eval_t"] == [50, 250]
+    assert q["errors"] == {} and q["params"]["idm"] == int(rows[0]["params"])
     assert (q["n_train"], q["n_heldout"], q["heldout_is_train"]) == (2, 1, False)
     assert "torch_version" in q["environment"]
     assert "idm" in stdout and "PSNR dB" in stdout  # the summary table
@@ -241,7 +242,8 @@ def test_failing_model_becomes_error_rows_and_the_run_goes_on(tmp_path, capsys):
     rows = _read(out / "quality.csv")
     assert [(r["model"], r["t"], r["status"]) for r in rows] == [("broken-test", "50", "error"), ("broken-test", "250", "error")]
     assert all("broken on purpose" in r["error"] and "\n" not in r["error"] and r["psnr"] == "" for r in rows)
-    assert json.loads((out / "run.json").read_text())["quality"]["status"] == "complete"
+    q = json.loads((out / "run.json").read_text())["quality"]
+    assert q["status"] == "complete" and "broken on purpose" in q["errors"]["broken-test"]
 
 
 @pytest.mark.parametrize(

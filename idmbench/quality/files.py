@@ -39,7 +39,8 @@ class QualityRow:
     Units: ``psnr`` dB; ``ssim`` 3D SSIM (1 = identical); ``mae`` mean absolute error on the [-1, 1] scale;
     ``data_range`` the intensity range the metrics used (2.0); ``train_time_s`` seconds; ``train_energy_j`` and
     ``energy_per_param_j`` joules (from ``energy_source``); ``peak_train_mem_bytes`` bytes (from ``mem_source``).
-    An ``error`` row carries a one-line ``error`` and empty metrics.
+    ``final_loss`` is the mean training loss of the last 20 steps (fewer if the run had fewer). An ``error``
+    row carries a one-line ``error`` and empty metrics.
     """
 
     model: str

@@ -112,6 +112,7 @@ class QualityRun:
                        "held-out volumes x noise draws",
             "started": prev.get("started", _now()), "finished": None, "status": "running",
             "settings": o.settings(), "resumed": resumed, "environment": self.env, "params": prev.get("params", {}),
+            "errors": {},
         })
         self._write_meta()
 
@@ -126,6 +127,7 @@ class QualityRun:
         o = self.o
         self._log(f"quality run: {', '.join(o.models)} | {o.size_label} | {o.train_steps} steps x batch {o.batch} | "
                   f"lr {o.lr:g} | seed {o.seed} | {o.device} {o.precision} -> {self.dir}")
+
         def on_term(signum: int, frame: Any) -> None:  # noqa: ARG001 - a kill ends like Ctrl-C: rows kept
             raise KeyboardInterrupt()
 
@@ -204,6 +206,7 @@ class QualityRun:
             logger.debug("%s failed", name, exc_info=True)
             self._log(f"{head}: error: {why}")
             self.failed.append(name)
+            self._write_meta(errors={**self.meta.get("errors", {}), name: why})  # also a failure after the rows
             done = Q.scored_timesteps(self.csv, name)
             for t in [t for t in o.eval_t if t not in done]:
                 Q.append_quality_row(self.csv, self._row(name, t, None, train, params, error=why))
@@ -234,7 +237,7 @@ class QualityRun:
 
         energy = "no energy figure" if res.train_energy_j is None else f"{res.train_energy_j:.4g} J ({res.energy_source})"
         self._log(f"{head}: trained in {format_seconds(res.train_time_s)}, {energy}, peak "
-                  f"{format_bytes(res.peak_train_mem_bytes)} ({res.mem_source}), final loss "
+                  f"{format_bytes(res.peak_train_mem_bytes)} ({res.mem_source}), loss of the last steps "
                   f"{'-' if res.final_loss is None else f'{res.final_loss:.4f}'}")
         return res.to_dict()
 

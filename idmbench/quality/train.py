@@ -34,11 +34,14 @@ from .. import diffusion
 logger = logging.getLogger(__name__)
 
 ENERGY_WINDOW = "quality-train"
+#: ``final_loss`` is the mean of the last this many step losses (one step's loss depends on its random t)
+FINAL_LOSS_STEPS = 20
 
 
 @dataclass
 class TrainResult:
-    """What training cost and where each figure came from (units in the names)."""
+    """What training cost and where each figure came from (units in the names); ``final_loss`` is the mean
+    loss of the last :data:`FINAL_LOSS_STEPS` steps."""
 
     steps: int
     final_loss: float | None
@@ -205,8 +208,9 @@ def train_model(
 
         mem_bytes, mem_source = peak_rss_bytes(), "rss"
     del opt
+    tail = losses[-FINAL_LOSS_STEPS:]
     return TrainResult(
-        steps=len(order), final_loss=losses[-1] if losses else None, train_time_s=train_s,
+        steps=len(order), final_loss=sum(tail) / len(tail) if tail else None, train_time_s=train_s,
         train_energy_j=energy_j, energy_source=source, energy_note=note,
         peak_train_mem_bytes=mem_bytes, mem_source=mem_source, losses=losses,
     )
