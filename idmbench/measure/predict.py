@@ -3,8 +3,11 @@
 The model is built inside ``FakeTensorMode`` (fake CPU tensors: the CPU wheel of torch cannot fake CUDA
 tensors), then the step of :mod:`idmbench.measure.workload` runs under the live-tensor tracker
 (:func:`idmbench.measure.memory.track_peak`) and ``FlopCounterMode``. Nothing is allocated, so any volume
-size takes a second or so. A training prediction runs one fake warm-up step first, so the AdamW state
-exists, exactly like the measured steady-state step.
+size takes a second or so. A training prediction first creates the AdamW state directly
+(:func:`init_adam_state`; other optimisers get one fake step), as it exists in the measured
+steady-state step. The tracker gives reduced losses the input-sized storage their eager kernels keep,
+so the prediction counts what the measurement counts (exactly, on CPU tensors).
+``activation_bytes`` follows :class:`~idmbench.measure.memory.MemoryPeak`'s one definition.
 
 What it does not see: allocator rounding/fragmentation, kernel workspaces (cuDNN) and the CUDA context.
 Budgets on GPUs add :data:`CUDA_CONTEXT_BYTES`, a labelled *constant*, not a measurement.
@@ -16,7 +19,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -45,22 +48,18 @@ class Prediction:
     param_bytes: int | None = None
     grad_bytes: int | None = None
     opt_bytes: int | None = None
+    buffer_bytes: int | None = None
     flops: int | None = None
     params: int | None = None
     net_shape: tuple[int, ...] = ()
+    #: image voxels the network processes per step per volume (the basis of ``flops`` and throughput)
+    voxels: int | None = None
     seconds: float = 0.0  # how long predicting took (wall, s)
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return not self.error and self.peak_bytes is not None
-
-    @property
-    def voxels(self) -> int:
-        return int(math.prod(self.size))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def one_line(exc: BaseException) -> str:
@@ -135,9 +134,6 @@ class Predictor:
         self._states: dict[str, ModelState] = {}
         self._warm: set[str] = set()
         self._cache: dict[tuple[tuple[int, int, int], str], Prediction] = {}
-
-    def cached(self, size: tuple[int, int, int], phase: str) -> Prediction | None:
-        return self._cache.get((tuple(int(s) for s in size), phase))  # type: ignore[return-value]
 
     def _mode(self, phase: str) -> Any:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -218,8 +214,10 @@ class Predictor:
         pred.param_bytes = int(peak.param_bytes)
         pred.grad_bytes = int(peak.grad_bytes)
         pred.opt_bytes = int(peak.opt_bytes)
+        pred.buffer_bytes = int(peak.buffer_bytes)
         pred.params = int(state.params)
         pred.net_shape = tuple(int(s) for s in wl.net_shape)
+        pred.voxels = int(wl.voxels)
 
 
 def init_adam_state(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -255,7 +253,3 @@ def predictor(model_name: str, preset: str, *, batch: int = 1, precision: str = 
         _PREDICTORS[key] = Predictor(model_name, preset, batch=batch, precision=precision, overrides=overrides, seed=seed)
     return _PREDICTORS[key]
 
-
-def predict_step(model_name: str, preset: str, size: tuple[int, int, int] | int, phase: str = "train", **kw: Any) -> Prediction:
-    """One-shot prediction (see :class:`Predictor`)."""
-    return predictor(model_name, preset, **kw).predict(size, phase)

@@ -6,6 +6,9 @@ tensors (prediction).
   volume or a PatchDDM patch). Its memory is parameters + gradients + AdamW state + activations.
 * ``sample``: one DDIM denoising step of the whole volume under ``torch.no_grad``: one network
   evaluation plus the scheduler update (MONAI's ``DDIMScheduler``).
+
+:attr:`Workload.voxels` counts the image voxels the network processes in that step (a PatchDDM
+training step: the patch), the one basis for throughput and FLOPs.
 """
 
 from __future__ import annotations
@@ -64,9 +67,14 @@ class Workload:
 
     @property
     def voxels(self) -> int:
-        """Voxels of the volume (D * H * W), per batch element."""
-        d, h, w = self.size
-        return int(d * h * w)
+        """Image voxels the network processes in one step, per volume (batch element).
+
+        The basis of throughput (``voxels_per_s`` = batch x voxels / step time) and of the FLOPs, which are
+        counted on the same step: the whole volume for a full-volume model and for sampling, the patch
+        for a PatchDDM training step, the image voxels represented by the sub-bands for a wavelet model.
+        It comes from the model's recipe through ``ModelSpec.network_voxels(size, cfg, phase)``.
+        """
+        return int(self.state.spec.network_voxels(self.size, self.state.cfg, self.state.phase))
 
 
 def build_state(
