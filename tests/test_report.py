@@ -469,7 +469,7 @@ def test_old_run_without_metadata_and_quality_section(tmp_path):
     assert "no run.json in this folder" in text
     assert "No quality run in this folder" in text
     assert "no energy figures in this run" in text
-    assert "This run folder predates the per-model settings record" in text
+    assert "run.json holds no per-model settings record" in text
     figs = {a["id"] for a in page.all("figure")}
     assert figs == {"fig-memory", "fig-tradeoff", "fig-throughput"} and len(page.all("img")) == 3
     assert sum(len(page.body(t)) for t in page.tables if t.startswith("rows-")) == 3

@@ -245,13 +245,13 @@ def test_models_are_described_by_their_data(tmp_path):
     train = page.tables["rows-1"]
     sees = train[0].index("network sees (voxels)")
     assert {r[2]: r[sees] for r in train[1:] if r[0] == "wdm"} == {"16³": "8³", "32³": "16³"}
-    settings = page.body("settings-table")
-    head = page.tables["settings-table"][0]
-    assert [r[0].split(" (")[0] for r in settings] == ["idm", "unet", "patchddm", "wdm"]
-    by_model = {r[0].split(" (")[0]: dict(zip(head, r)) for r in settings}
+    settings = page.tables["settings-table"]
+    assert [h.split(" (")[0] for h in settings[0][1:]] == ["idm", "unet", "patchddm", "wdm"]  # a column per model
+    by_model = {h.split(" (")[0]: {r[0]: r[j] for r in settings[1:]} for j, h in enumerate(settings[0]) if j}
     assert by_model["unet"]["settings follow"] == "MONAI 3D DDPM tutorial"
     assert "use_flash_attention = no" in by_model["unet"]["settings"]
     assert by_model["wdm"]["network input"] == "(8·C, S/2, S/2, S/2)" and by_model["wdm"]["predicts"] == "x0"
+    assert by_model["patchddm"]["training recipe"] == "patch"
     unet_sentence = next(s for s in build_report_sentences(run_dir) if s.startswith("Against unet:"))
     assert "use_flash_attention=False" in unet_sentence
     assert not any("use_flash_attention" in s for s in build_report_sentences(run_dir) if not s.startswith(
@@ -269,7 +269,7 @@ def build_report_sentences(run_dir: Path) -> list[str]:
 def test_older_run_without_model_info(tmp_path):
     text, page = _page(_wavelet_run(tmp_path, None))
     assert "settings-table" not in page.tables
-    assert "predates the per-model settings record" in text
+    assert "run.json holds no per-model settings record" in text
 
 
 @pytest.mark.parametrize("status", [s for s in STATUSES if s not in (STATUS_OK, STATUS_PREDICTED)])

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imsave
 
@@ -88,6 +89,14 @@ def write_quality(run_dir: Path, models=("idm", "unet", "patchddm"), samples: in
         }
         path.write_text(json.dumps(meta, indent=2))
     return run_dir
+
+
+def test_fixture_matches_the_quality_writer():
+    """The agreed format is what the quality run really writes (its row dataclass and training columns)."""
+    from idmbench.quality.files import QUALITY_COLUMNS as WRITTEN, TRAINING_COLUMNS
+
+    assert WRITTEN == QUALITY_COLUMNS
+    assert TRAINING_COLUMNS == ["model", "preset", "step", "loss", "seconds"]
 
 
 def _page(run_dir: Path) -> tuple[str, Page]:
@@ -180,6 +189,18 @@ def test_quality_errors_and_notes(tmp_path):
     assert "unet" not in [r[0] for r in page.body("quality-table")]
     words = "".join(page.text)
     assert "held-out set is the training set" in words and "interrupted" in words
+
+
+def test_no_spread_from_a_single_draw(tmp_path):
+    """One volume × one noise draw has no standard deviation to show: the cell is the mean alone."""
+    run_dir = write_quality(tmp_path / "q", models=("idm",))
+    frame = pd.read_csv(run_dir / "quality.csv", dtype=str, keep_default_na=False)
+    frame["n_volumes"], frame["n_noise"], frame["psnr_std"] = "1", "1", "0.0"
+    frame.to_csv(run_dir / "quality.csv", index=False)
+    from idmbench.report.quality import scores_table
+
+    rows = scores_table(load_run(run_dir)).rows
+    assert [r[2] for r in rows] == ["30.00", "27.00", "24.00"] and rows[0][5] == "1 × 1"
 
 
 @pytest.mark.parametrize("broken", ["no-json", "training-only"])

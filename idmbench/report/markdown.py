@@ -38,8 +38,10 @@ def _sentence(text: str) -> str:
 
 def render_markdown(run: RunData, headline: Headline, title: str | None = None) -> str:
     m = run.meta
-    what = ", ".join(run.labels) or "no sweep"
-    bits = [f"models: {what}"]
+    q_models = list(dict.fromkeys(run.quality["model"])) if run.quality is not None and "model" in run.quality else []
+    bits = [f"models: {', '.join(run.labels)}"] if run.labels else []
+    if q_models:
+        bits.append(f"quality run: {', '.join(q_models)}")
     for key, name in (("device_name", "device"), ("precision", "precision"), ("steps", "timed steps"),
                       ("git_rev", "git")):
         if m.get(key) not in (None, ""):

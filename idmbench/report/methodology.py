@@ -15,10 +15,10 @@ from typing import Any
 
 from .data import RunData
 from .tables import Table
-from ..units import fmt_num
 
 #: keys of a model_info record shown as their own columns, in order, with their header
-INFO_COLUMNS = (("description", "model"), ("recipe", "training recipe"), ("network_input", "network input"),
+INFO_COLUMNS = (("description", "model"), ("preset", "preset"), ("recipe", "training recipe"),
+                ("network_input", "network input"),
                 ("attention", "attention"), ("prediction", "predicts"), ("source", "settings follow"))
 
 
@@ -28,7 +28,7 @@ def _value(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return fmt_num(v, 4)
+        return f"{v:g}"
     if isinstance(v, (list, tuple)):
         return "(" + ", ".join(_value(x) for x in v) + ")"
     if isinstance(v, dict):
@@ -46,30 +46,34 @@ def _models(run: RunData) -> list[str]:
 
 
 def settings_table(run: RunData) -> tuple[Table | None, str]:
-    """(table of every model's configuration and its source, a note). The table is None for a run folder
-    whose run.json has no ``model_info`` (written before the sweep recorded it)."""
+    """(table of every model's configuration and its source, a note): one column per model, so the
+    baselines read side by side; one row per model_info field. The table is None for a run folder whose
+    run.json has no ``model_info`` (written before the sweep recorded it)."""
     models = _models(run)
     info = run.model_info
     if not info:
-        return None, ("This run folder predates the per-model settings record (run.json has no model_info), so "
-                      "each model's configuration is not stated here; the README's model table gives the "
-                      "presets' settings.")
+        return None, ("run.json holds no per-model settings record (model_info: sweeps write it; older sweeps "
+                      "and a quality run alone do not), so each model's configuration is not stated here; the "
+                      "README's model table gives the presets' settings.")
+    shown = [m for m in models if m in info]
+    fields = list(INFO_COLUMNS) + [("settings", "settings")]
     rows = []
-    for m in models:
-        rec = info.get(m)
-        if rec is None:
-            rows.append([m] + [""] * len(INFO_COLUMNS) + ["not recorded in run.json"])
-            continue
-        settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
-        first = m + (f" ({rec['family']})" if rec.get("family") and rec.get("family") != m else "")
-        rows.append([first] + [_value(rec.get(k)) for k, _ in INFO_COLUMNS]
-                    + ["; ".join(f"{k} = {_value(v)}" for k, v in settings.items())])
-    header = ["name"] + [h for _, h in INFO_COLUMNS] + ["settings"]
-    keep = [j for j in range(len(header)) if j == 0 or any(r[j] for r in rows)]
-    table = Table(header=[header[j] for j in keep], rows=[[r[j] for j in keep] for r in rows],
-                  wrap=set(range(1, len(keep))),
-                  caption="each model as it ran: its settings, and the paper, repository or configuration they "
-                          "follow (run.json model_info)")
+    for key, name in fields:
+        cells = []
+        for m in shown:
+            rec = info[m]
+            if key == "settings":
+                settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+                cells.append("; ".join(f"{k} = {_value(v)}" for k, v in settings.items()))
+            else:
+                cells.append(_value(rec.get(key)))
+        if any(cells):
+            rows.append([name] + cells)
+    header = [""] + [m + (f" ({info[m]['family']})" if info[m].get("family") not in (None, "", m) else "")
+                     for m in shown]
+    table = Table(header=header, rows=rows, wrap=set(range(1, len(header))),
+                  caption="each model as it ran (a column per model): its settings, and the paper, repository or "
+                          "configuration they follow (run.json model_info)")
     missing = [m for m in models if m not in info]
     note = (f"run.json records no settings for: {', '.join(missing)}." if missing else "")
     return table, note

@@ -19,6 +19,7 @@ import base64
 from typing import Any
 
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from .data import RunData, size_text
 from .plotting import (FAINT, Figure, Omitted, finish, footer, log_axis, model_style, new, outside_legend, point,
@@ -63,11 +64,12 @@ def _ok_rows(run: RunData) -> pd.DataFrame | None:
     return q
 
 
-def _pm(mean: object, std: object, sig: int) -> str:
+def _pm(mean: object, std: object, sig: int, n: int) -> str:
+    """``mean ± std``; the spread only when it was taken over more than one value."""
     if is_missing(mean):
         return ""
     text = fmt_num(mean, sig)
-    return text if is_missing(std) else f"{text} ± {fmt_num(std, 2)}"
+    return text if is_missing(std) or n <= 1 else f"{text} ± {fmt_num(std, 2)}"
 
 
 def _get(rec: pd.Series, col: str) -> Any:
@@ -85,10 +87,12 @@ def scores_table(run: RunData) -> Table | None:
     rows = []
     for _, r in q.iterrows():
         n_vol, n_noise = _get(r, "n_volumes"), _get(r, "n_noise")
-        over = f"{int(n_vol)} × {int(n_noise)}" if not is_missing(n_vol) and not is_missing(n_noise) else ""
+        known = not is_missing(n_vol) and not is_missing(n_noise)
+        over = f"{int(n_vol)} × {int(n_noise)}" if known else ""
+        n = int(n_vol) * int(n_noise) if known else 2
         rows.append([r["label"], f"{int(r['t'])}" if not is_missing(r["t"]) else "",
-                     _pm(r.get("psnr"), _get(r, "psnr_std"), 4), _pm(r.get("ssim"), _get(r, "ssim_std"), 3),
-                     _pm(r.get("mae"), _get(r, "mae_std"), 3), over,
+                     _pm(r.get("psnr"), _get(r, "psnr_std"), 4, n), _pm(r.get("ssim"), _get(r, "ssim_std"), 3, n),
+                     _pm(r.get("mae"), _get(r, "mae_std"), 3, n), over,
                      f"{float(_get(r, 'data_range')):g}" if not is_missing(_get(r, "data_range")) else ""])
     header = ["model", "timestep t", "PSNR (dB)", "SSIM", "MAE", "volumes × noise draws", "data range"]
     return Table(header=header, rows=rows, numeric=set(range(1, 7)),
@@ -167,7 +171,7 @@ def quality_facts(run: RunData) -> list[tuple[str, str]]:
         return ", ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
 
     data = get("data")
-    if data and get("modalities"):
+    if data and get("modalities") and get("modalities") != data:
         data += f" (modalities {get('modalities')})"
     split = " / ".join(x for x in (get("n_train"), get("n_heldout")) if x)
     return [(k, v) for k, v in (
@@ -201,6 +205,7 @@ def loss_figure(run: RunData) -> Figure | Omitted:
         ax.plot(g["step"], g["loss"].rolling(win, min_periods=1).mean(), color=color, lw=1.8, label=lab)
     if (t["loss"] > 0).all():
         log_axis(ax, "y")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("loss (ε-prediction MSE)" if _prediction_is_eps(run) else "training loss")
     ax.grid(True, alpha=0.3)
@@ -209,7 +214,9 @@ def loss_figure(run: RunData) -> Figure | Omitted:
     src = f"training.csv, every step logged as it ran; bold = moving mean over {max(windows)} step(s), faint = raw."
     footer(fig, src)
     return finish(key, title, "Every model trains on the identical budget (steps, batch, learning rate, seed, "
-                  "data order). Source: " + src, fig)
+                  "data order). Each curve is the model's own training loss (the MSE of what it predicts: noise, or "
+                  "the clean volume for an x₀-predicting model), so compare the shapes of the curves, not their "
+                  "levels across prediction targets. Source: " + src, fig)
 
 
 def _prediction_is_eps(run: RunData) -> bool:
