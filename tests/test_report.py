@@ -437,6 +437,12 @@ def test_missing_results_raises_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):
         build_report(tmp_path / "file")
+    from idmbench.report import check_run_dir
+
+    with pytest.raises(ValueError, match="no results.csv or quality.csv"):
+        check_run_dir(tmp_path)
+    (tmp_path / "quality.csv").write_text("model,t\n")
+    assert check_run_dir(str(tmp_path)) == tmp_path  # a quality run alone is a run folder
 
 
 def test_headline_without_idm_or_without_baselines(tmp_path):

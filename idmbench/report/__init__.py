@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "check_run_dir"]
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if a report can be built from it, else ``ValueError`` with one line (it does
+    not exist, is not a folder, or holds neither results.csv nor quality.csv / training.csv). Reads no
+    file: for a command line's up-front check (``run_bench.py report DIR``)."""
+    from .data import check_run_dir as check
+
+    return check(run_dir)
 
 
 def build_report(run_dir: str | Path, *, title: str | None = None, reference: str = "idm",

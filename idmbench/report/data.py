@@ -208,19 +208,25 @@ def _sample_key(path: Path, models: list[str]) -> tuple[int, str, int, str]:
     return (rank, model, int(m.group("k")), path.name)
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Read ``run_dir``. Raises ValueError (one line) when it does not exist or holds neither a sweep
-    (results.csv) nor a quality run (quality.csv / training.csv)."""
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if a report can be built from it; else ValueError, one line: it does not exist,
+    is not a folder, or holds neither a sweep (results.csv) nor a quality run (quality.csv / training.csv)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise ValueError(f"{run_dir} does not exist")
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder (give the run folder that holds results.csv or quality.csv)")
-    results = run_dir / "results.csv"
-    quality_files = [run_dir / "quality.csv", run_dir / "training.csv"]
-    if not results.is_file() and not any(p.is_file() for p in quality_files):
+    if not any((run_dir / name).is_file() for name in ("results.csv", "quality.csv", "training.csv")):
         raise ValueError(f"no results.csv or quality.csv in {run_dir}: not an idmbench run folder "
                          "(run `python run_bench.py` or `python run_bench.py quality` first)")
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read ``run_dir``. Raises ValueError (one line, see :func:`check_run_dir`) when no report can be
+    built from it."""
+    run_dir = check_run_dir(run_dir)
+    results = run_dir / "results.csv"
     frame = rows_frame(read_rows(results) if results.is_file() else [])
     notes: list[str] = []
 
