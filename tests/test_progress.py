@@ -110,6 +110,16 @@ def test_summary_groups_and_never_names_a_missing_file(tmp_path):
     # one line for every config predicted for the same reason (not one line per config)
     assert text.count("--predict: prediction only") == 1 and "idm 16^3 train, idm 32^3 train, idm 64^3 train" in text
     assert "unet 16^3 train: killed: SIGKILL, cause unknown" in text
+    out = io.StringIO()
+    print_summary(out, rows[:3], [], tmp_path / "results.csv")
+    assert "  --predict: prediction only: all 3 configs\n" in out.getvalue()  # not the list a third time
+    slow = [R.ResultRow("idm", "small", str(s), "train", status="predicted", predicted_peak_bytes=2**20,
+                        notes=f"not measured: estimated {t}{g} to measure > --max-measure-s 3 min 00 s")
+            for s, t, g in ((64, "7 min 32 s", " (a guess)"), (128, "51 min 30 s", ""))]
+    out = io.StringIO()
+    print_summary(out, slow, [], tmp_path / "results.csv")
+    assert ("  estimated time to measure > --max-measure-s 3 min 00 s: idm 64^3 train (~7 min 32 s, a guess), "
+            "idm 128^3 train (~51 min 30 s)\n") in out.getvalue()
 
 
 def test_warnings_on_the_terminal_everything_in_the_log(tmp_path):

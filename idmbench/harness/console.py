@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
@@ -22,6 +23,8 @@ from ..units import format_bytes, format_seconds
 
 logger = logging.getLogger(__name__)
 
+#: the policy's "too slow" reason: estimate, "(a guess)" or not, the limit
+_ESTIMATED = re.compile(r"estimated (.+?)( \(a guess\))? to measure > (.+)$")
 #: rich's SIMPLE_HEAD in ASCII: no frame, one rule under the header
 _ASCII_HEAD = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
 
@@ -155,9 +158,15 @@ def print_summary(out: TextIO, rows: list[R.ResultRow], budget_rows: list[Any], 
         why: dict[str, list[str]] = {}
         for r in predicted:
             reason = r.notes.replace("not measured: ", "") if r.notes else "no reason recorded"
-            why.setdefault(reason, []).append(f"{r.model} {R.size_text(r.size)} {r.phase}")
+            cfg = f"{r.model} {R.size_text(r.size)} {r.phase}"
+            m = _ESTIMATED.match(reason)
+            if m:  # one line per limit, each config with its own estimate
+                reason, cfg = f"estimated time to measure > {m.group(3)}", f"{cfg} (~{m.group(1)}{', a guess' if m.group(2) else ''})"
+            why.setdefault(reason, []).append(cfg)
         for reason, cfgs in why.items():
-            w(f"  {reason}: {', '.join(cfgs)}\n")
+            bare = not reason.startswith("estimated time to measure")
+            listed = f"all {len(cfgs)} configs" if bare and len(cfgs) == len(rows) else ", ".join(cfgs)
+            w(f"  {reason}: {listed}\n")
     failed = [r for r in rows if r.status in R.FAILED_STATUSES]
     if failed:
         w("failures:\n")

@@ -19,8 +19,9 @@ import time
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from ..units import format_clock
 from .console import render_table  # noqa: F401  (idmbench.check imports it from here)
@@ -31,6 +32,17 @@ logger = logging.getLogger(__name__)
 
 #: the measured speed-up applies only once this many estimated seconds have finished
 MIN_FINISHED_EST_S = 5.0
+
+
+class _Live(ProgressColumn):
+    """A column computed from the :class:`Progress` at every redraw, so its clocks run between events."""
+
+    def __init__(self, owner: "Progress") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def render(self, task: object) -> Text:
+        return Text(self.owner.status_text())
 
 
 class Progress:
@@ -65,13 +77,11 @@ class Progress:
         self._task = None
         if self.tty:
             self._rich = RichProgress(
-                TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                TextColumn("elapsed {task.fields[elapsed]}  ETA {task.fields[eta]}"),
-                TextColumn("{task.fields[current]}"),
+                TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), _Live(self),
                 console=self.console, auto_refresh=True, refresh_per_second=2, transient=True,
                 redirect_stdout=False, redirect_stderr=False,
             )
-            self._task = self._rich.add_task(title, total=max(1, self.n), elapsed="0:00", eta=self.eta_text(), current="")
+            self._task = self._rich.add_task(title, total=max(1, self.n))
             self._rich.start()
 
     @property
@@ -119,13 +129,16 @@ class Progress:
     def _elapsed(self) -> str:
         return format_clock(time.monotonic() - self.t0)
 
-    def _update(self) -> None:
-        if self._rich is None or self._task is None:
-            return
+    def status_text(self) -> str:
+        """``elapsed 1:02  ETA ~4:10 (guess)  idm 64^3 train: measuring (0:12)`` -- the bar's text."""
         cur = ""
         if self.current is not None and not self.done_flags[self.current]:
-            cur = f"{self.current_label} ({format_clock(time.monotonic() - self.current_t0)})"
-        self._rich.update(self._task, completed=self.finished, elapsed=self._elapsed(), eta=self.eta_text(), current=cur)
+            cur = f"  {self.current_label} ({format_clock(time.monotonic() - self.current_t0)})"
+        return f"elapsed {self._elapsed()}  ETA {self.eta_text()}{cur}"
+
+    def _update(self) -> None:
+        if self._rich is not None and self._task is not None:
+            self._rich.update(self._task, completed=self.finished)
 
     def log(self, line: str) -> None:
         """Print ``line`` above the bar (a plain line off a terminal); also kept in the sweep's log file."""

@@ -84,7 +84,8 @@ class Sweep:
         self.params: dict[str, int] = {}
         self.progress: Progress | None = None
         self.policy: Policy | None = None
-        self._search_s: list[float] = []  # seconds each budget search took
+        self._search_s: list[tuple[str, float]] = []  # (model, seconds) of each budget search done
+        self._search_models: list[str] = []  # the models whose budget search is to do, in order
         self.t0 = time.monotonic()
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -115,9 +116,19 @@ class Sweep:
             self.params[model] = int(p.params)
         return p
 
-    def _predict_s(self) -> float:
-        done = [p.seconds for p in self.preds.values()]
+    def _predict_s(self, model: str | None = None) -> float:
+        """Mean seconds a prediction took (of ``model`` when it has any; 2 s before the first)."""
+        mine = [p.seconds for (m, _s, _ph), p in self.preds.items() if m == model]
+        done = mine or [p.seconds for p in self.preds.values()]
         return sum(done) / len(done) if done else 2.0
+
+    def _search_estimate(self, model: str) -> tuple[float, bool]:
+        """Seconds a budget search of ``model`` should take, and whether that is a guess: the searches
+        done so far, per prediction second of their model, else ~5 predictions."""
+        if self._search_s:
+            per = sum(t / self._predict_s(m) for m, t in self._search_s) / len(self._search_s)
+            return per * self._predict_s(model), False
+        return 5 * self._predict_s(model), True
 
     def _guess_prediction(self, model: str, size: tuple[int, int, int], phase: str) -> Any:
         """The prediction if made, else one scaled by voxels from the nearest predicted size of the same
@@ -136,15 +147,13 @@ class Sweep:
     def forecast(self, todo: list[Config], start: int) -> None:
         """Re-estimate configs ``start..`` and the budget searches for the ETA from what is known now."""
         assert self.progress is not None and self.policy is not None
-        searched = self._search_s
-        for j in range(len(todo), self.progress.n):
+        for j, model in enumerate(self._search_models, start=len(todo)):
             if not self.progress.done_flags[j]:
-                self.progress.set_estimate(j, sum(searched) / len(searched) if searched else 8 * self._predict_s(),
-                                           guess=not searched)
+                self.progress.set_estimate(j, *self._search_estimate(model))
         for j in range(start, len(todo)):
             m, s, ph = todo[j]
             guess = self._guess_prediction(m, s, ph)
-            cost = 0.0 if (m, s, ph) in self.preds else self._predict_s()
+            cost = 0.0 if (m, s, ph) in self.preds else self._predict_s(m)
             if guess is None:
                 measure = not self.o.predict_only
                 self.progress.set_estimate(j, cost + (UNKNOWN_MEASURE_S if measure else 0.0), guess=True)
@@ -177,7 +186,7 @@ class Sweep:
         done = R.done_keys(self.csv) if o.resume else set()
         allc = self.configs()
         todo = [c for c in allc if self.key(*c) not in done]
-        searches = self._budget_models()
+        searches = self._search_models = self._budget_models()
         self.progress = Progress([0.0] * (len(todo) + len(searches)), stream=self.err, t0=self.t0)
         routing = route_logs(self.progress.console if self.progress.tty else self.err, self.dir / "logs" / "sweep.log")
         old_term = signal.getsignal(signal.SIGTERM)
@@ -334,9 +343,9 @@ class Sweep:
                                   precision=self.o.precision, params=self.params)
             self.budget_rows = [r for r in self.budget_rows if r.model != model] + rows
             B.write_budgets(self.dir / "budgets.csv", self._ordered_budgets())
-            self._search_s.append(time.monotonic() - t0)
+            self._search_s.append((model, time.monotonic() - t0))
             for j in range(i + 1, progress.n):
-                progress.set_estimate(j, sum(self._search_s) / len(self._search_s), guess=False)
+                progress.set_estimate(j, *self._search_estimate(models[j - first]))
             cells = ", ".join(f"{r.budget}: {'none' if r.largest_side is None else f'{r.largest_side}^3'}" for r in rows)
             progress.finish(i, f"largest trainable cube, {model} ({self.o.presets[model]}, predicted): {cells} "
                                f"[{format_seconds(time.monotonic() - t0)}]", measured=False)
