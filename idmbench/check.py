@@ -108,9 +108,11 @@ def _gib(n: float | int | None) -> str:
     return format_bytes(n, digits=3)
 
 
-def _one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")[:300]
+def _reason(exc: BaseException) -> str:
+    """One line naming ``exc`` (the predictor's format); imported late so the parser loads without torch."""
+    from .measure.predict import one_line
+
+    return one_line(exc)
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -130,7 +132,7 @@ def predicted_figures(models: Sequence[str]) -> list[Figure]:
             try:
                 multiple = spec.valid_sides(spec.config(preset))
             except Exception as exc:  # noqa: BLE001 - a broken spec is a FAIL line, not a traceback
-                out.append(Figure(name, preset, "*", phase, "predicted_peak_bytes", None, _one_line(exc)))
+                out.append(Figure(name, preset, "*", phase, "predicted_peak_bytes", None, _reason(exc)))
                 continue
             pred = Predictor(name, preset, flops=False)
             for side in sides:
@@ -187,7 +189,7 @@ def measured_figures(models: Sequence[str]) -> list[Figure]:
                 continue
             fig.value = measured_activation(name, MEASURED_PRESET, MEASURED_SIZE)
         except Exception as exc:  # noqa: BLE001 - a FAIL line, not a traceback
-            fig.error = _one_line(exc)
+            fig.error = _reason(exc)
         out.append(fig)
     return out
 
@@ -210,7 +212,7 @@ def _guarded(name: str, fn: Callable[[], Invariant]) -> Invariant:
             return fn()
     except Exception as exc:  # noqa: BLE001 - a FAIL line, never a traceback
         logger.debug("invariant %s could not be computed", name, exc_info=True)
-        return Invariant(name, False, f"could not be computed: {_one_line(exc)}")
+        return Invariant(name, False, f"could not be computed: {_reason(exc)}")
 
 
 def _predicted_train_peak(name: str, overrides: dict[str, Any] | None = None) -> int:

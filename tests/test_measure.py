@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import idmbench
 from idmbench.measure import energy as E
 from idmbench.measure.env import capture, cpu_model, git_revision, nvidia_driver_version
-from idmbench.measure.flops import flops_of
+from idmbench.measure.flops import count_flops
 from idmbench.measure.memory import MemoryPeak, fake_mode, track_peak
 from idmbench.measure.predict import Predictor
 from idmbench.measure.timing import TimingStats, time_steps
@@ -132,8 +132,9 @@ def test_flops_of_conv3d_matches_formula():
     with FakeTensorMode():
         conv = torch.nn.Conv3d(2, 3, 3, padding=1)
         x = torch.randn(1, 2, 8, 8, 8)
-        fl = flops_of(lambda: conv(x))
-    assert fl == 2 * 2 * 3 * 27 * 8**3
+        with count_flops() as fc:
+            conv(x)
+    assert fc.get_total_flops() == 2 * 2 * 3 * 27 * 8**3  # 2 FLOPs per multiply-add, 27 taps, 8^3 outputs
 
 
 # ---------------------------------------------------------------------------------------- memory

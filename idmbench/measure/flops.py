@@ -2,13 +2,15 @@
 
 Counted under fake tensors (no allocation, any size): matmuls, convolutions and attention, forward and
 backward (a multiply-add counts 2 FLOPs). Element-wise work (norms, activations, the optimiser update) is
-not counted, as usual for FLOP figures.
+not counted, as usual for FLOP figures. They are the FLOPs of the step the network actually runs (a
+PatchDDM training step: its patch), the same basis as the voxels of ``voxels_per_s``
+(:attr:`idmbench.measure.workload.Workload.voxels`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from .memory import NoModuleHooks
 
@@ -28,9 +30,3 @@ def count_flops(module_hooks: bool = False) -> Iterator[Any]:
     with fc:
         yield fc
 
-
-def flops_of(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (run it under fake tensors to count without computing)."""
-    with count_flops() as fc:
-        fn()
-    return int(fc.get_total_flops())
