@@ -184,7 +184,10 @@ def test_every_module_imports_on_its_own():
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     failures = json.loads(r.stdout.strip().splitlines()[-1])
-    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+    by_error: dict[str, list[str]] = {}
+    for name, tb in failures.items():  # one line per distinct error, naming the modules it stops
+        by_error.setdefault(tb.strip().splitlines()[-1], []).append(name)
+    assert not failures, "\n".join(f"{err}: {', '.join(mods)}" for err, mods in by_error.items())
 
 
 def _docstring(path: Path) -> str:

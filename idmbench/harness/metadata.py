@@ -1,6 +1,6 @@
 """``DIR/run.json``: what a sweep ran, on what, when -- written at the start, updated as it learns (model
 parameters, the calibrated CPU rate) and completed at the end (``status``: ``running``, ``complete``,
-``interrupted``).
+``interrupted``, or ``failed`` when the sweep itself hit an unexpected error).
 
 A resumed sweep keeps the first command and start time and appends ``{"at", "command"}`` to
 ``resumed``. Keys written by others in the same folder (``quality`` from a quality run) are preserved.

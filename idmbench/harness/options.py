@@ -50,6 +50,8 @@ class SweepOptions:
 
 
 def check_precision(precision: str, device: str) -> None:
+    """Refuse a precision this device cannot run (bf16 before compute capability 8.0; an autocast dtype
+    the CPU build does not support). Allocates nothing on a GPU."""
     import torch
 
     from ..measure.workload import autocast_dtype
@@ -96,6 +98,9 @@ def choose_presets(choice: T.PresetChoice | None, models: list[str], device: str
 
 
 def choose_sizes(given: list[tuple[int, int, int]] | None, models: list[str], presets: dict[str, str]) -> list[tuple[int, int, int]]:
+    """The sizes (D, H, W) to sweep: ``given`` if every model takes each at its preset (else the model's own
+    one-line reason), or those of :data:`DEFAULT_SIZES` every model takes (else the two smallest common
+    multiples of the models' valid sides)."""
     from ..registry import get_spec
 
     specs = {m: (get_spec(m), get_spec(m).config(presets[m])) for m in models}

@@ -216,6 +216,11 @@ class Sweep:
             self._say(f"interrupted: {n} finished row(s) kept in {self.csv}" if n
                       else "interrupted before any config finished: no results written")
             self._say(f"resume with: python run_bench.py --resume {shlex.quote(str(self.dir))}")
+        except Exception:
+            # a bug, not a config's failure (those are rows): keep the rows, say so, and let it surface
+            logger.exception("the sweep stopped on an unexpected error; the rows so far are in %s", self.csv)
+            self.meta.finish("failed")
+            raise
         finally:
             if old_term is not None:
                 try:
