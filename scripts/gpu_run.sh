@@ -8,7 +8,8 @@
 # Steps (each one's outcome is summarised at the end; the script exits 1 if any failed):
 #   0. install, only if the package is not importable yet: a virtual environment .venv, then
 #      `pip install -e .[dev]` -- from local wheels (--no-index) when WHEELS (default ./wheels) exists,
-#      else from the package index (torch's default Linux wheel is a CUDA build);
+#      else from the package index (torch's default Linux wheel is a CUDA build). Make the wheels on a
+#      connected machine of the same platform: pip download -d wheels torch==2.13.0 '.[dev]' setuptools wheel
 #   1. environment: nvidia-smi, a CUDA build of torch that sees the GPU (exit 2 otherwise);
 #   2. the sweep: run_bench.py --device cuda --preset paper over MODELS x SIZES into OUT
 #      (reports/gpu-<timestamp>/ by default): CUDA allocator peaks, NVML memory and energy, timings;
