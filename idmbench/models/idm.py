@@ -6,6 +6,7 @@ MONAI's keyword names, so it plugs into ``monai.inferers.DiffusionInferer``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -15,6 +16,12 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
 from ..invertible.core import InvertibleUNetCore
 from ..registry import ModelSpec, register
+
+#: options IDM passes through to the core (keyword-only parameters of InvertibleUNetCore it does not set itself)
+CORE_OPTIONS = tuple(
+    name for name, prm in inspect.signature(InvertibleUNetCore).parameters.items()
+    if prm.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("consume_input", "consume_output")
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tests: ~75 k parameters, every side divisible by 4
@@ -30,16 +37,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class IDM(nn.Module):
-    """Invertible diffusion model predicting epsilon.
+    """Invertible diffusion model predicting epsilon: lift conv -> invertible UNet core -> projection conv.
 
     Args:
         in_channels / out_channels: image channels in and out.
         base_channels: width C of the top level of the core (divisible by 4).
         levels: 2x2x2 downsamplings in the core; every side must divide by ``2 ** levels``.
         blocks_per_level: coupling blocks per level (encoder and decoder each).
-        attention: invertible checkerboard attention on the skip paths and at the bottleneck.
-        memory_efficient: recompute activations by exact inversion (True) or store them (False,
-            plain autograd, the same network and parameters for the same seed).
+        time_embed_dim: width of the time embedding (default ``4 * base_channels``).
+        core_options: passed to :class:`~idmbench.invertible.InvertibleUNetCore` as they are (its
+            defaults are IDM's): ``attention``, ``attention_min_level``, ``attn_head_dim``,
+            ``attn_window``, ``attn_full_max_tokens``, ``hidden_ratio``, ``top_hidden_ratio``,
+            ``memory_efficient`` (False: plain autograd, the same network and parameters for the same
+            seed), ``recompute_budget``, ``recompute_slabs``.
     """
 
     def __init__(
@@ -49,41 +59,27 @@ class IDM(nn.Module):
         base_channels: int = 16,
         levels: int = 3,
         blocks_per_level: int = 2,
-        attention: bool = True,
-        memory_efficient: bool = True,
-        attention_min_level: int = 2,
-        attn_head_dim: int = 32,
-        attn_window: int = 4,
-        attn_full_max_tokens: int = 64,
-        hidden_ratio: float = 1.0,
-        top_hidden_ratio: float | None = None,
         time_embed_dim: int | None = None,
+        **core_options: Any,
     ):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("base_channels", base_channels)):
             if int(v) < 1:
                 raise ValueError(f"IDM {name} must be >= 1; got {v}")
+        unknown = sorted(set(core_options) - set(CORE_OPTIONS))
+        if unknown:
+            valid = ", ".join(["base_channels", "levels", "blocks_per_level", "time_embed_dim", *CORE_OPTIONS])
+            raise ValueError(f"IDM got unknown option(s) {', '.join(unknown)}; valid options: {valid}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.base_channels, self.levels = base_channels, levels
         self.time_freq_dim = base_channels
         temb_dim = time_embed_dim or 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(self.time_freq_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.lift = nn.Conv3d(in_channels, base_channels, 3, padding=1)
-        self.core = InvertibleUNetCore(
-            base_channels,
-            levels,
-            blocks_per_level,
-            temb_dim,
-            attention=attention,
-            attention_min_level=attention_min_level,
-            attn_head_dim=attn_head_dim,
-            attn_window=attn_window,
-            attn_full_max_tokens=attn_full_max_tokens,
-            hidden_ratio=hidden_ratio,
-            top_hidden_ratio=top_hidden_ratio,
-            memory_efficient=memory_efficient,
-            consume_output=True,  # the core's output only feeds ``project``
-        )
+        # the core works in place in the lift's output and rebuilds in place in its own output: both are
+        # temporaries of this forward (the output only feeds ``project``)
+        self.core = InvertibleUNetCore(base_channels, levels, blocks_per_level, temb_dim,
+                                       consume_input=True, consume_output=True, **core_options)
         self.project = nn.Conv3d(base_channels, out_channels, 3, padding=1)
 
     @property
