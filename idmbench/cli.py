@@ -32,6 +32,7 @@ from typing import Any, NoReturn, Sequence
 from . import argtypes as T
 from .argtypes import UsageError
 from .harness import options as O
+from .harness import parallel as P
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ SUBCOMMANDS = {
     "quality": ("idmbench.quality.cli", "train every model to one budget, then score denoising and save samples"),
 }
 #: sweep settings a resumed folder keeps (a different value would mix two sweeps in one results.csv)
-RESUME_FIXED = ("models", "sizes", "preset", "phases", "batch", "precision", "device", "seed")
+RESUME_FIXED = ("models", "sizes", "preset", "phases", "batch", "precision", "device", "seed", "nproc", "nnodes")
 
 __all__ = ["UsageError", "build_parser", "main", "options_from_args", "resolve_device"]
 
@@ -133,6 +134,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
            "(default 1; NVML's counter updates about every 100 ms)")
     a("--seed", metavar="N", type=T.whole("--seed", 0), help="random seed for weights and data (default 0)")
     a("--no-report", action="store_true", help="do not build report.html at the end (run_bench.py report DIR later)")
+    P.add_arguments(p)
 
 
 def _subcommand_module(name: str) -> Any:
@@ -225,7 +227,7 @@ def _refuse_changes(parser: argparse.ArgumentParser, ns: argparse.Namespace, def
             same = all(before.per_model.get(m) == given.per_model.get(m, given.default) for m in before.per_model)
         elif flag == "device":
             same = resolve_device(given) == resolve_device(before)
-        elif flag in ("models", "sizes"):
+        elif flag in ("models", "sizes", "nproc"):
             same = set(given) == set(before)
         else:
             same = given == before
@@ -284,16 +286,25 @@ def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
         raise UsageError("--cpu-memory-limit caps CPU workers only; it cannot be combined with --device cuda")
 
     def unlimited_on_cuda(v: float | None, cpu_default: float) -> float:
+        if (ns.nnodes or 1) > 1:  # every node must take the same measure-or-predict decisions
+            if v is not None and not math.isinf(v):
+                raise UsageError("--max-measure-s / --max-sweep-s cannot be used with --nnodes > 1: every node must "
+                                 "measure the same configs")
+            return math.inf
         return v if v is not None else (math.inf if is_cuda else cpu_default)
 
     resume = ns.resume is not None
     out = Path(ns.resume) if resume else Path(ns.out) if ns.out is not None else \
         Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
     O.check_out(out, resume=resume)
+    nproc, launch, executor = ns.nproc or [1], P.launch_from_args(ns), ns.executor or "local"
+    phases = ns.phases or list(PHASES)
+    for note in P.check_parallel(nproc, launch, device, phases, executor, ns.ray_address):
+        print(f"note: {note}", file=sys.stderr)
     from .measure.env import capture
 
     return O.SweepOptions(
-        models=list(models), presets=presets, sizes=sizes, out=out, phases=ns.phases or list(PHASES),
+        models=list(models), presets=presets, sizes=sizes, out=out, phases=phases,
         batch=ns.batch or 1, steps=ns.steps or (10 if is_cuda else 3), warmup=ns.warmup or (3 if is_cuda else 1),
         device=device, precision=precision, predict_only=bool(ns.predict),
         budgets=ns.budget if ns.budget is not None else T.budgets(DEFAULT_BUDGETS),
@@ -303,6 +314,8 @@ def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
         seed=ns.seed if ns.seed is not None else 0, min_energy_window_s=ns.min_energy_window or 1.0,
         report=not ns.no_report, resume=resume, overrides=dict(getattr(ns, "overrides", None) or {}),
         command=" ".join(shlex.quote(a) for a in ["python", "run_bench.py", *argv]), env=capture(device),
+        nproc=nproc, launch=launch, executor=executor, ray_address=ns.ray_address,
+        ray_cpus_per_task=ns.ray_cpus_per_task or 1,
     )
 
 

@@ -92,6 +92,13 @@ class ResultRow:
     git_rev: str = ""
     seed: int | None = None
     notes: str = ""
+    # --- data-parallel training (run_bench.py --nproc); single-process rows: world_size 1, rank 0 ---
+    world_size: int = 1  # processes of the DistributedDataParallel group that measured this row
+    rank: int = 0  # this row's process in that group (its own memory and step time)
+    group_voxels_per_s: float | None = None  # the whole group: world_size x batch x voxels / slowest rank's step
+    nosync_step_time_s: float | None = None  # median step inside DDP's no_sync() (no gradient all-reduce)
+    allreduce_share: float | None = None  # 1 - nosync / synced step time: the step's share spent all-reducing
+    ddp_bucket_bytes: int | None = None  # DDP's gradient buckets (bytes; in peak_mem_bytes)
 
     def key(self) -> tuple[str, str, str, str]:
         return (self.model, self.preset, self.size, self.phase)
@@ -121,10 +128,33 @@ def _coerce(name: str, value: str) -> Any:
     return value
 
 
+def _upgrade_header(path: Path) -> None:
+    """Rewrite a results file written before columns were added (an old sweep being resumed) with today's
+    header, its rows keeping their values and the new columns their defaults; atomic."""
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    if header == COLUMNS or not header:
+        return
+    rows = read_rows(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    logger.info("%s: header upgraded to this version's %d columns (%d rows kept)", path, len(COLUMNS), len(rows))
+
+
 def append_row(path: str | os.PathLike, row: ResultRow) -> None:
-    """Append ``row`` to the CSV at ``path`` (header written if the file is new), flushed to disk at once."""
+    """Append ``row`` to the CSV at ``path`` (header written if the file is new, upgraded if the file is
+    from a version with fewer columns), flushed to disk at once."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        _upgrade_header(path)
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         if new:
@@ -169,6 +199,20 @@ def done_keys(path: str | os.PathLike) -> set[tuple[str, str, str, str]]:
     if not path.exists() or path.stat().st_size == 0:
         return set()
     return {r.key() for r in read_rows(path) if r.status in STATUSES}
+
+
+def done_world_sizes(path: str | os.PathLike) -> dict[tuple[str, str, str, str], set[int]]:
+    """Per key (model, preset, size, phase), the world sizes with a row of a final status in ``results.csv``
+    (1 for single-process rows). A ``predicted`` row adds 0, which stands for every world size: the config
+    was not measured at all, so a resumed sweep does not redo it."""
+    path = Path(path)
+    out: dict[tuple[str, str, str, str], set[int]] = {}
+    if not path.exists() or path.stat().st_size == 0:
+        return out
+    for r in read_rows(path):
+        if r.status in STATUSES:
+            out.setdefault(r.key(), set()).add(0 if r.status == STATUS_PREDICTED else int(r.world_size or 1))
+    return out
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import results as R
-from ..units import format_bytes, format_seconds
+from ..units import format_bytes, format_seconds, format_si
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def fmt_joules(j: float) -> str:
 
 def summary_table(rows: list[R.ResultRow]) -> str:
     """The terminal summary: model, preset, size, phase, status, peak memory + source, step time,
-    J/step + source (one line per :class:`~idmbench.results.ResultRow`)."""
+    J/step + source (one line per :class:`~idmbench.results.ResultRow`; a data-parallel row names its
+    rank in the phase column, ``train rank 1/2``)."""
     out = []
     for r in rows:
         if r.status == R.STATUS_OK:
@@ -80,7 +81,8 @@ def summary_table(rows: list[R.ResultRow]) -> str:
             e = f"{fmt_joules(r.energy_j_per_step)} {r.energy_source}"
         elif r.status == R.STATUS_OK:
             e = f"- {r.energy_source}"
-        out.append([r.model, r.preset, R.size_text(r.size), r.phase, r.status, mem, t, e])
+        phase = r.phase if (r.world_size or 1) <= 1 else f"{r.phase} rank {r.rank}/{r.world_size}"
+        out.append([r.model, r.preset, R.size_text(r.size), phase, r.status, mem, t, e])
     return render_table(
         ["model", "preset", "size", "phase", "status", "peak memory (source)", "step time (median +/-IQR/2)",
          "energy J/step (source)"],
@@ -114,6 +116,23 @@ def row_line(r: R.ResultRow) -> str:
             s += f", {r.energy_j_per_step:.3g} J/step {r.energy_source}"
         return s
     return f"{r.status}: {r.error}"
+
+
+def job_line(label: str, rows: list[R.ResultRow], world_size: int, skipped: str | None = None) -> str:
+    """The progress line of a finished job: its row (or each rank's, with the group's throughput and the
+    largest all-reduce share), or why it ended as a prediction (``skipped``)."""
+    if world_size > 1:
+        label = f"{label} x{world_size} ranks"
+    if skipped is not None:
+        return f"{label}: {rows[0].status} ({format_bytes(rows[0].peak_mem_bytes)} predicted) - not measured: {skipped}"
+    if world_size == 1:
+        return f"{label}: " + "; ".join(row_line(r) for r in rows)
+    line = f"{label}: " + " | ".join(f"rank {r.rank}: {row_line(r)}" for r in rows)
+    ok = [r for r in rows if r.status == R.STATUS_OK and r.group_voxels_per_s]
+    if ok:
+        line += (f" | group {format_si(ok[0].group_voxels_per_s, 'voxel/s')}, all-reduce "
+                 f"{100 * max(r.allreduce_share or 0.0 for r in ok):.0f} % of a step")
+    return line
 
 
 def header_lines(opts: Any, csv_path: Path, todo: int, total: int) -> list[str]:

@@ -100,6 +100,10 @@ class RunMeta:
             "environment": env,
             "resumed": resumed,
             "out": str(o.out),
+            "nproc": list(getattr(o, "nproc", [1])),
+            "launch": dict(getattr(o, "launch", {})),
+            "executor": getattr(o, "executor", "local"),
+            "ray_address": getattr(o, "ray_address", None),
         })
 
     def _set(self, values: dict[str, Any]) -> None:

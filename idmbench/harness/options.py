@@ -47,6 +47,13 @@ class SweepOptions:
     command: str = ""
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    #: data-parallel processes per node for the training configs, one world size each (``--nproc``)
+    nproc: list[int] = field(default_factory=lambda: [1])
+    #: torchrun's multi-node settings (:class:`~idmbench.harness.torchrun.LaunchSpec` fields but nproc_per_node)
+    launch: dict[str, Any] = field(default_factory=dict)
+    executor: str = "local"  # local | ray (:mod:`idmbench.harness.executors`)
+    ray_address: str | None = None
+    ray_cpus_per_task: int = 1
 
 
 def check_precision(precision: str, device: str) -> None:
@@ -184,7 +191,10 @@ def resume_defaults(rdir: Path) -> dict[str, Any]:
         d["cpu_memory_limit"] = f"{int(prev['cpu_memory_limit_bytes'])}B"
     if prev.get("predict_only"):
         d["predict"] = True
+    if prev.get("nproc"):
+        d["nproc"] = ",".join(map(str, prev["nproc"]))
+    if isinstance(prev.get("launch"), dict) and prev["launch"].get("nnodes"):
+        d["nnodes"] = str(prev["launch"]["nnodes"])
     d["overrides"] = prev.get("overrides") or {}
     return d
-
 

@@ -53,7 +53,10 @@ class WorkerConfig:
         safety_cap_bytes: without a user limit, the address space allowed beyond the worker's baseline
             (bytes; available RAM) so that a misprediction ends as an ``oom`` row, not swapping.
         time_budget_s: give up after the warm-up step if measuring would take longer (s), or None.
-        result_path: where the worker writes its :class:`WorkerResult` as JSON.
+        result_path: where the worker writes its :class:`WorkerResult` as JSON (a data-parallel rank R
+            writes ``result.rankR.json`` beside it).
+        launch: empty for one process; else a :class:`~idmbench.harness.torchrun.LaunchSpec` as a mapping:
+            the training step runs data-parallel in a torchrun group (:mod:`.torchrun`, :mod:`.ddp`).
     """
 
     model: str
@@ -73,6 +76,7 @@ class WorkerConfig:
     safety_cap_bytes: int | None = None
     time_budget_s: float | None = None
     result_path: str = ""
+    launch: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def coerce(cls, cfg: "WorkerConfig | Mapping[str, Any]") -> "WorkerConfig":
@@ -123,6 +127,12 @@ class WorkerResult:
     phase_s: dict[str, float] = field(default_factory=dict)
     wall_s: float | None = None
     notes: str = ""
+    world_size: int = 1
+    rank: int = 0
+    group_voxels_per_s: float | None = None
+    nosync_step_time_s: float | None = None
+    allreduce_share: float | None = None
+    ddp_bucket_bytes: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -205,7 +215,8 @@ def measured_row(base: R.ResultRow, res: WorkerResult, reason: str, pred: Any = 
     else:
         row.mem_source = ""
         row.energy_source = "none"
-    if row.peak_mem_bytes and row.predicted_peak_bytes:
+    if row.peak_mem_bytes and row.predicted_peak_bytes and row.world_size <= 1:
+        # (a data-parallel rank also holds DDP's buckets: the single-process prediction is not its peak)
         row.prediction_ratio = row.peak_mem_bytes / row.predicted_peak_bytes
     notes = [f"measured: {reason}"] if reason else []
     if pred is not None and pred.error:
@@ -214,3 +225,13 @@ def measured_row(base: R.ResultRow, res: WorkerResult, reason: str, pred: Any = 
         notes.append(str(res.notes))
     row.notes = "; ".join(notes)
     return row
+
+
+def job_rows(base: R.ResultRow, pred: Any, results: list[WorkerResult], reason: str) -> tuple[list[R.ResultRow], WorkerResult | None]:
+    """The rows of a finished job and, when it gave up as too slow (``skipped``, with a successful
+    prediction), that result: then one ``predicted`` row stands for the config. Otherwise one
+    :func:`measured_row` per rank (``world_size`` and ``rank`` come with each result)."""
+    skipped = next((r for r in results if r.status == STATUS_SKIPPED), None)
+    if skipped is not None and pred is not None and pred.ok:
+        return [predicted_row(base, pred, skipped.error or "too slow")], skipped
+    return [measured_row(base, res, reason, pred) for res in results], None

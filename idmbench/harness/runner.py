@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -190,14 +191,33 @@ def plugin_imports(models: list[str]) -> list[list[str]]:
     return out
 
 
+def _descendants(pid: int) -> list[Any]:
+    """Every live descendant of ``pid`` (``psutil.Process`` objects), e.g. the ranks a torchrun launcher
+    started in sessions of their own, which the launcher's process group does not reach."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's process group (it may have children) and reap it."""
+    """SIGKILL the worker's process group, and every descendant in a session of its own, and reap it."""
+    import psutil
+
+    kids = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         try:
             proc.kill()
         except ProcessLookupError:
+            pass
+    for kid in kids:
+        try:
+            kid.kill()
+        except psutil.Error:  # gone already
             pass
     try:
         proc.wait(timeout=10)
@@ -212,6 +232,89 @@ def _last_line(path: Path) -> str:
         logger.debug("worker log %s unreadable (%s)", path, exc)
         return ""
     return lines[-1][:300] if lines else ""
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: this one's, with the package importable and output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PKG_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class ProcessOutcome:
+    """How a worker process (or a launcher and its ranks) ended: its exit code (negative: the signal),
+    whether the sweep killed it at ``--timeout``, its wall time (s), its last seen peak RSS (bytes) and the
+    kernel's OOM-kill counters before it started (for :func:`death_result`)."""
+
+    returncode: int | None
+    timed_out: bool
+    wall_s: float
+    peak_rss: int | None
+    oom_before: dict[str, int]
+
+
+def run_process(argv: list[str], *, timeout_s: float, log_path: Path, progress: Ticker | None = None,
+                env: Mapping[str, str] | None = None) -> ProcessOutcome:
+    """Run ``argv`` in its own session with its output in ``log_path``; kill it (and every descendant) after
+    ``timeout_s`` seconds, or on Ctrl-C / any exception while waiting (then re-raised)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = oom_kill_counts()
+    peak_rss: int | None = None
+    t0 = time.monotonic()
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else worker_env(),
+            start_new_session=True, preexec_fn=_set_pdeathsig if _load_prctl() else None,
+        )
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    peak_rss = peak_rss_of(proc.pid) or peak_rss
+                    if progress is not None:
+                        progress.tick()
+                    if time.monotonic() - t0 > timeout_s:
+                        timed_out = True
+                        _kill(proc)
+                        break
+        except BaseException:
+            _kill(proc)
+            raise
+    return ProcessOutcome(proc.returncode, timed_out, time.monotonic() - t0, peak_rss, before)
+
+
+def timeout_result(timeout_s: float, wall_s: float) -> WorkerResult:
+    return WorkerResult(status=R.STATUS_TIMEOUT, error=f"exceeded --timeout {timeout_s:g} s; worker killed", wall_s=wall_s)
+
+
+def death_result(outcome: ProcessOutcome, log_path: Path, what: str = "worker") -> WorkerResult:
+    """The labelled result of a process that ended without writing one (see the module docstring)."""
+    rc, wall = outcome.returncode, outcome.wall_s
+    tail = _last_line(log_path)
+    if rc is not None and rc < 0:
+        sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        if -rc == signal.SIGKILL:
+            return sigkill_result(outcome.oom_before, oom_kill_counts(), outcome.peak_rss, cgroup_memory_limit_bytes(), wall)
+        return WorkerResult(status=R.STATUS_ERROR, wall_s=wall, error=f"{what} died of {sig}" + (f": {tail}" if tail else ""))
+    return WorkerResult(status=R.STATUS_ERROR, wall_s=wall,
+                        error=f"{what} exited with code {rc} without a result" + (f": {tail}" if tail else ""))
+
+
+def read_result(path: Path, log_path: Path) -> WorkerResult | None:
+    """The :class:`WorkerResult` a worker wrote to ``path``; None when absent or unreadable (logged)."""
+    if not path.exists():
+        return None
+    try:
+        return WorkerResult.from_json(path.read_text())
+    except ValueError as exc:  # json.JSONDecodeError, a malformed field
+        logger.warning("worker result %s unreadable (%s); see %s", path, exc, log_path)
+        return None
 
 
 def run_worker(cfg: WorkerConfig | Mapping[str, Any], *, timeout_s: float, log_path: Path,
@@ -232,57 +335,14 @@ def run_worker(cfg: WorkerConfig | Mapping[str, Any], *, timeout_s: float, log_p
         cfg_path = Path(tmp) / "config.json"
         job.result_path = str(Path(tmp) / "result.json")
         cfg_path.write_text(job.to_json())
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(PKG_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        before = oom_kill_counts()
-        peak_rss: int | None = None
-        t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "idmbench.harness.worker", str(cfg_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_set_pdeathsig if _load_prctl() else None,
-            )
-            timed_out = False
-            try:
-                while True:
-                    try:
-                        proc.wait(timeout=POLL_S)
-                        break
-                    except subprocess.TimeoutExpired:
-                        peak_rss = peak_rss_of(proc.pid) or peak_rss
-                        if progress is not None:
-                            progress.tick()
-                        if time.monotonic() - t0 > timeout_s:
-                            timed_out = True
-                            _kill(proc)
-                            break
-            except BaseException:
-                _kill(proc)
-                raise
-        wall = time.monotonic() - t0
-        if timed_out:
-            return WorkerResult(status=R.STATUS_TIMEOUT, error=f"exceeded --timeout {timeout_s:g} s; worker killed",
-                                wall_s=wall)
-        res_path = Path(job.result_path)
-        if res_path.exists():
-            try:
-                res = WorkerResult.from_json(res_path.read_text())
-            except ValueError as exc:  # json.JSONDecodeError, a malformed field
-                logger.warning("worker result %s unreadable (%s); see %s", res_path, exc, log_path)
-            else:
-                if res.wall_s is None:
-                    res.wall_s = wall
-                res.phase_s["process"] = wall
-                return res
-        rc = proc.returncode
-        tail = _last_line(log_path)
-        if rc is not None and rc < 0:
-            sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-            if -rc == signal.SIGKILL:
-                return sigkill_result(before, oom_kill_counts(), peak_rss, cgroup_memory_limit_bytes(), wall)
-            return WorkerResult(status=R.STATUS_ERROR, wall_s=wall, error=f"worker died of {sig}" + (f": {tail}" if tail else ""))
-        return WorkerResult(status=R.STATUS_ERROR, wall_s=wall,
-                            error=f"worker exited with code {rc} without a result" + (f": {tail}" if tail else ""))
+        outcome = run_process([sys.executable, "-m", "idmbench.harness.worker", str(cfg_path)],
+                              timeout_s=timeout_s, log_path=log_path, progress=progress)
+        if outcome.timed_out:
+            return timeout_result(timeout_s, outcome.wall_s)
+        res = read_result(Path(job.result_path), log_path)
+        if res is not None:
+            if res.wall_s is None:
+                res.wall_s = outcome.wall_s
+            res.phase_s["process"] = outcome.wall_s
+            return res
+        return death_result(outcome, log_path)

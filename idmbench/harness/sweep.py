@@ -16,6 +16,9 @@ Output folder ``DIR``:
 * ``budgets.csv`` -- the largest trainable cube per model and memory budget (predicted, :mod:`.budget`).
 * ``logs/`` -- each worker's output, and ``sweep.log`` with every log record of the sweep.
 * ``report.html`` etc. -- :func:`idmbench.report.build_report` at the end (a failure there loses nothing).
+
+Workers run here, one at a time, or as Ray tasks (:mod:`.executors`); ``--nproc`` measures training configs
+data-parallel, one row per rank, at each world size (:mod:`.parallel`).
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ from ..measure.predict import Prediction, predictor
 from ..registry import get_spec
 from ..units import format_bytes, format_seconds, format_si
 from . import budget as B
-from .console import header_lines, print_summary, route_logs, row_line
+from . import parallel as P
+from .console import header_lines, print_summary, route_logs
 from .metadata import RunMeta
 from .options import SweepOptions
 from .estimate import calibrate_cpu_flop_rate
+from .executors import close_quietly, make_executor
+from .jobs import JobRecorder, job_tickets, make_job
 from .policy import UNKNOWN_MEASURE_S, Policy
 from .progress import Progress
-from .records import STATUS_SKIPPED, WorkerConfig, base_row, measured_row, predicted_row
-from .runner import plugin_imports, run_worker
+from .records import base_row, predicted_row
+from .runner import plugin_imports
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,10 @@ class Sweep:
         self._search_s: list[tuple[str, float]] = []  # (model, seconds) of each budget search done
         self._search_models: list[str] = []  # the models whose budget search is to do, in order
         self.t0 = time.monotonic()
+        self.executor: Any = make_executor(opts.executor, device=opts.device, ray_address=opts.ray_address,
+                                           ray_cpus_per_task=opts.ray_cpus_per_task)
+        self._missing_ws: dict[Config, list[int]] = {}  # world sizes a config still needs (resume)
+        self.jobs: JobRecorder | None = None  # turns finished jobs into rows
 
     # -- plan ---------------------------------------------------------------------------------------
     def configs(self) -> list[Config]:
@@ -183,9 +193,10 @@ class Sweep:
         self.t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
         R.repair_csv(self.csv)
-        done = R.done_keys(self.csv) if o.resume else set()
+        done = R.done_world_sizes(self.csv) if o.resume else {}
         allc = self.configs()
-        todo = [c for c in allc if self.key(*c) not in done]
+        self._missing_ws = {c: P.missing_world_sizes(done.get(self.key(*c), set()), c[2], o.nproc, o.launch) for c in allc}
+        todo = [c for c in allc if self._missing_ws[c]]
         searches = self._search_models = self._budget_models()
         self.progress = Progress([0.0] * (len(todo) + len(searches)), stream=self.err, t0=self.t0)
         routing = route_logs(self.progress.console if self.progress.tty else self.err, self.dir / "logs" / "sweep.log")
@@ -204,11 +215,14 @@ class Sweep:
                 self._say(line)
             self.meta.start(o)
             self.measure_all(todo)
+            close_quietly(self.executor)
             self.search_budgets(searches, first=len(todo))
             self.meta.update(params={**self.meta.data.get("params", {}), **self.params})
             self.meta.finish("complete")
         except KeyboardInterrupt as exc:
             code = 143 if isinstance(exc, Interrupted) else 130
+            if self.jobs is not None:
+                self.jobs.salvage(self.executor)
             self.meta.update(params={**self.meta.data.get("params", {}), **self.params})
             self.meta.finish("interrupted")
             n = len(R.read_rows(self.csv)) if self.csv.exists() else 0
@@ -222,6 +236,7 @@ class Sweep:
             self.meta.finish("failed")
             raise
         finally:
+            close_quietly(self.executor)
             if old_term is not None:
                 try:
                     signal.signal(signal.SIGTERM, old_term)
@@ -264,8 +279,8 @@ class Sweep:
         """Predict, decide, measure or keep the prediction, and append the row -- config by config."""
         o, progress = self.o, self.progress
         assert progress is not None
-        is_cuda = o.device.startswith("cuda")
         self.policy = policy = self._make_policy(todo)
+        self.jobs = jobs = JobRecorder(self._append, policy, progress)
         imports = plugin_imports(o.models)
         self.forecast(todo, 0)
         for i, (model, size, phase) in enumerate(todo):
@@ -286,32 +301,16 @@ class Sweep:
             if dec.est_s is not None:
                 progress.set_estimate(i, dec.est_s, dec.guess)
             est = f" (~{format_seconds(dec.est_s)}{', a guess' if dec.guess else ''})" if dec.est_s else ""
-            progress.begin(i, label, f"measuring{est}" if (dec.est_s or 0) > 20 or progress.tty else "")
-            job = WorkerConfig(
-                model=model, preset=o.presets[model], overrides=o.overrides.get(model, {}), size=list(size),
-                phase=phase, batch=o.batch, steps=o.steps, warmup=o.warmup, device=o.device, precision=o.precision,
-                seed=o.seed, min_energy_window_s=o.min_energy_window_s, imports=imports,
-                cpu_memory_limit_bytes=o.cpu_memory_limit_bytes if not is_cuda else None,
-                safety_cap_bytes=None if (is_cuda or o.cpu_memory_limit_bytes) else int(_available_ram() * 0.9),
-                time_budget_s=None if (is_cuda or math.isinf(policy.budget_s())) else max(1.0, policy.budget_s()),
-            )
-            log = self.dir / "logs" / f"{model}_{o.presets[model]}_{R.size_label(size)}_{phase}.log"
-            res = run_worker(job, timeout_s=o.timeout_s, log_path=log, progress=progress)
-            if res.status == STATUS_SKIPPED and pred.ok:
-                # too slow for --max-measure-s after all (seen from its warm-up step): a predicted row
-                if res.warmup_s and pred.flops:
-                    policy.learn(model, phase, pred.flops, float(res.warmup_s[-1]))
-                row = predicted_row(base, pred, res.error or "too slow")
-                self._append(row)
-                progress.finish(i, f"{label}: {row.status} ({format_bytes(row.peak_mem_bytes)} predicted) - "
-                                   f"not measured: {res.error}")
-            else:
-                row = measured_row(base, res, dec.reason, pred)
-                self._append(row)
-                if row.status == R.STATUS_OK:
-                    policy.learn_result(model, phase, row.flops_per_step, res)
-                progress.finish(i, f"{label}: {row_line(row)}")
+            progress.begin(i, label, f"submitted to {self.executor.name}{est}" if self.executor.concurrent
+                           else f"measuring{est}" if (dec.est_s or 0) > 20 or progress.tty else "")
+            job = make_job(o, model, size, phase, imports, policy.budget_s())
+            tickets = job_tickets(i, job, self._missing_ws.get((model, size, phase)) or [1], o.launch,
+                                  self.dir / "logs", o.timeout_s, context=(label, base, pred, dec.reason))
+            jobs.expect(i, len(tickets))
+            for ticket in tickets:
+                jobs.record(self.executor.submit(ticket, progress))
             self.forecast(todo, i + 1)
+        jobs.record(self.executor.drain(progress))
 
     # -- budgets ----------------------------------------------------------------------------------------
     def _budget_models(self) -> list[str]:
@@ -378,12 +377,6 @@ class Sweep:
             logger.debug("report failed", exc_info=True)
             self._say(f"report failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                       f"results are in {self.csv}; retry with: python run_bench.py report {shlex.quote(str(self.dir))}")
-
-
-def _available_ram() -> int:
-    from ..measure.env import available_ram_bytes
-
-    return available_ram_bytes()
 
 
 def run_sweep(opts: SweepOptions, *, out: TextIO | None = None, err: TextIO | None = None,

@@ -21,6 +21,11 @@ What is measured (every figure labelled):
   (:attr:`~idmbench.measure.workload.Workload.voxels`) / median step time.
 * energy (J/step): the timed steps run inside an energy meter window (NVML on CUDA, codecarbon on CPU) of
   at least ``min_energy_window_s``; joules / steps in the window.
+
+A data-parallel config (``--nproc N``, ``WorkerConfig.launch``) runs this same module as every rank of a
+torchrun group (:mod:`.torchrun`); :mod:`.ddp` adds the process group, DDP around the model, the decisions
+the ranks take together and the group's figures. Each rank writes ``result.rankR.json`` and, when it
+failed, exits 1 so that torchrun stops the rest of the group instead of leaving it in an all-reduce.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, Mapping
 
 from ..units import GiB, KiB
 from .records import STATUS_SKIPPED, WorkerConfig, WorkerResult
+from .torchrun import rank_result_path
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +133,11 @@ def _check_time_budget(cfg: WorkerConfig | Mapping[str, Any], step_s: float, ela
         )
 
 
-def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> None:
+def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None, group: Any = None) -> None:
     """Measure ``job`` and fill ``result`` in place (so a failure keeps what was already measured).
 
     ``t0``: ``time.perf_counter()`` at the worker's start (the time budget counts from it).
+    ``group``: this rank's :class:`~.ddp.RankContext` in a data-parallel config, else None.
     """
     t0 = time.perf_counter() if t0 is None else t0
     clock = time.perf_counter()
@@ -147,14 +154,18 @@ def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> Non
         __import__(mod)
     result.phase_s["import"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    device = job.device
+    device = job.device if group is None else group.device
     is_cuda = device.startswith("cuda")
     if is_cuda:
         torch.cuda.set_device(torch.device(device))
+    if group is not None:
+        group.init()
     size = tuple(int(s) for s in job.size)
     state = build_state(job.model, job.preset, job.phase, device=device, precision=job.precision,
                         overrides=job.overrides or {}, seed=job.seed)
     result.params = state.params
+    if group is not None:
+        group.wrap(state, job.seed)
     wl = make_workload(state, size, job.batch)  # type: ignore[arg-type]
     result.net_shape = "x".join(map(str, wl.net_shape))
     sync = synchronizer(device)
@@ -169,7 +180,16 @@ def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> Non
         if isinstance(out, float):
             result.loss = out
     result.phase_s["warmup"] = sum(result.warmup_s)
-    _check_time_budget(job, result.warmup_s[-1], time.perf_counter() - t0)
+    if group is None:
+        _check_time_budget(job, result.warmup_s[-1], time.perf_counter() - t0)
+    else:  # decided together: no rank may wait in an all-reduce the others never reach
+        reason = ""
+        try:
+            _check_time_budget(job, result.warmup_s[-1], time.perf_counter() - t0)
+        except SkipMeasurement as exc:
+            reason = str(exc)
+        if group.any_rank(bool(reason)):
+            raise SkipMeasurement(reason or "another rank's warm-up step showed that measuring would exceed the time budget")
 
     # memory of one steady-state step
     clock = time.perf_counter()
@@ -198,15 +218,27 @@ def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> Non
     result.param_bytes = int(mp.param_bytes)
     result.grad_bytes = int(mp.grad_bytes)
     result.opt_bytes = int(mp.opt_bytes)
+    if group is not None:
+        notes.append(group.account_buckets(result, peak_from_allocator=is_cuda))
     result.phase_s["track"] = time.perf_counter() - clock
 
     # time and energy: the timed steps, without the tracker, inside the energy meter
     clock = time.perf_counter()
-    meter = make_meter(device)
+    if group is not None and not is_cuda:
+        from ..measure.energy import NullEnergyMeter
+        from .ddp import CPU_ENERGY_NOTE
+
+        meter = NullEnergyMeter(CPU_ENERGY_NOTE)
+    else:
+        meter = make_meter(device)
     result.phase_s["meter"] = time.perf_counter() - clock
     clock = time.perf_counter()
     try:
-        win = measure_window(wl.step, sync, meter, min_steps=max(1, job.steps), min_window_s=job.min_energy_window_s)
+        if group is None:
+            win = measure_window(wl.step, sync, meter, min_steps=max(1, job.steps), min_window_s=job.min_energy_window_s)
+        else:  # every rank runs the same number of synced steps
+            n = group.window_steps(job, min(result.warmup_s[-1], result.phase_s["track"]))
+            win = measure_window(wl.step, sync, meter, min_steps=n, max_steps=n, min_window_s=0.0)
     finally:
         meter.close()
     result.phase_s["window"] = time.perf_counter() - clock
@@ -221,13 +253,21 @@ def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None) -> Non
     if win.energy_j is not None:
         result.energy_j_per_step = win.j_per_step
     notes.append(win.note if win.energy_j is not None else f"energy: {meter.note or 'none'}")
+    if group is not None:
+        clock = time.perf_counter()
+        group.finish(job, result, wl.step, sync, wl.voxels)
+        result.phase_s["allreduce_share"] = time.perf_counter() - clock
+    elif result.voxels_per_s is not None:
+        result.group_voxels_per_s = result.voxels_per_s  # a group of one
     if not is_cuda:
         result.rss_peak_bytes = peak_rss_bytes()
+        notes.append(f"{torch.get_num_threads()} CPU threads")
     result.notes = "; ".join(n for n in notes if n)
 
 
-def _cap_address_space(job: WorkerConfig) -> str:
-    """Apply ``--cpu-memory-limit`` or the safety cap (see :class:`WorkerConfig`); returns the note."""
+def _cap_address_space(job: WorkerConfig, share: int = 1) -> str:
+    """Apply ``--cpu-memory-limit`` or the safety cap (see :class:`WorkerConfig`); returns the note.
+    ``share``: processes of this config on this machine (data-parallel ranks split the safety cap)."""
     if job.cpu_memory_limit_bytes:
         base = vm_size_bytes()
         set_address_space_limit(int(job.cpu_memory_limit_bytes))
@@ -237,25 +277,38 @@ def _cap_address_space(job: WorkerConfig) -> str:
         # no user limit: cap the address space at what this machine can give, so a misprediction
         # ends as an 'oom' row instead of swapping or the kernel's OOM killer
         base = vm_size_bytes()
-        cap = base + int(job.safety_cap_bytes)
+        cap = base + int(job.safety_cap_bytes) // max(1, int(share))
         set_address_space_limit(cap)
         return f"safety address-space cap {cap / GiB:.2f} GiB (available RAM + worker baseline {base / GiB:.2f} GiB)"
     return ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Exit code 0 whenever a result file was written (even for ``oom``/``error``)."""
+    """Entry point. Exit code 0 whenever a result file was written (even for ``oom``/``error``), except a
+    data-parallel rank that failed: 1, so that torchrun stops the rest of its group."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m idmbench.harness.worker CONFIG.json", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     job = WorkerConfig.coerce(json.loads(Path(argv[0]).read_text()))
+    group = None
+    if job.launch:
+        from .ddp import RankContext
+
+        group = RankContext.from_job(job)
+        if group is not None:
+            _die_with_parent()  # the launcher's SIGKILL does not reach ranks in their own sessions otherwise
+    who = f" rank{group.rank}" if group is not None else ""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"%(levelname)s{who} %(name)s: %(message)s")
     result = WorkerResult(pid=os.getpid())
-    cap_note = _cap_address_space(job)
+    if group is not None:
+        result.world_size, result.rank = group.world_size, group.rank
+    cap_note = _cap_address_space(job, share=group.local_world_size if group is not None else 1)
     try:
-        run(job, result, t0)
+        if job.launch and group is None:
+            raise RuntimeError("a data-parallel job runs under torchrun (RANK is not set)")
+        run(job, result, t0, group)
         result.status = "ok"
     except SkipMeasurement as exc:
         result.status = STATUS_SKIPPED
@@ -271,14 +324,48 @@ def main(argv: list[str] | None = None) -> int:
     result.wall_s = time.perf_counter() - t0
     if cap_note:
         result.notes = "; ".join(x for x in (result.notes, cap_note) if x)
-    text = result.to_json()
-    if job.result_path:
-        tmp = Path(job.result_path + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, job.result_path)
-    sys.stdout.write(text + "\n")
+    failed = result.status not in ("ok", STATUS_SKIPPED)
+    everyone = [result]
+    if group is not None and result.status == "ok":
+        try:
+            everyone = group.gather(result)  # so that every node holds every rank's row
+        except Exception as exc:  # noqa: BLE001 - this rank's own result is still written
+            logger.warning("could not gather the other ranks' results (%s: %s)", type(exc).__name__, exc)
+    if group is None:
+        _write_result(job.result_path, result)
+    else:
+        _write_result(group.result_path(job.result_path), result)
+        if group.local_rank == 0:
+            for other in everyone:
+                if other.rank != group.rank:
+                    _write_result(str(rank_result_path(job.result_path, other.rank)), other)
+        if not failed:
+            group.close()
+    sys.stdout.write(result.to_json() + "\n")
     sys.stdout.flush()
-    return 0
+    return 1 if (failed and group is not None) else 0
+
+
+def _write_result(path: str, result: WorkerResult) -> None:
+    """``result`` as JSON at ``path`` (atomically; nothing when ``path`` is empty)."""
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(result.to_json())
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the torchrun launcher) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as exc:
+        logger.debug("PR_SET_PDEATHSIG unavailable (%s)", exc)
 
 
 if __name__ == "__main__":
