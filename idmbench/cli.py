@@ -293,30 +293,33 @@ def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
             return math.inf
         return v if v is not None else (math.inf if is_cuda else cpu_default)
 
+    nproc, launch, executor = ns.nproc or [1], P.launch_from_args(ns), ns.executor or "local"
+    phases = ns.phases or list(PHASES)
+    notes = P.check_parallel(nproc, launch, device, phases, executor, ns.ray_address)
+    max_measure_s = unlimited_on_cuda(ns.max_measure_s, DEFAULT_MAX_MEASURE_S)
+    max_sweep_s = unlimited_on_cuda(ns.max_sweep_s, DEFAULT_MAX_SWEEP_S)
     resume = ns.resume is not None
     out = Path(ns.resume) if resume else Path(ns.out) if ns.out is not None else \
         Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
     O.check_out(out, resume=resume)
-    nproc, launch, executor = ns.nproc or [1], P.launch_from_args(ns), ns.executor or "local"
-    phases = ns.phases or list(PHASES)
-    for note in P.check_parallel(nproc, launch, device, phases, executor, ns.ray_address):
-        print(f"note: {note}", file=sys.stderr)
     from .measure.env import capture
 
-    return O.SweepOptions(
+    opts = O.SweepOptions(
         models=list(models), presets=presets, sizes=sizes, out=out, phases=phases,
         batch=ns.batch or 1, steps=ns.steps or (10 if is_cuda else 3), warmup=ns.warmup or (3 if is_cuda else 1),
         device=device, precision=precision, predict_only=bool(ns.predict),
         budgets=ns.budget if ns.budget is not None else T.budgets(DEFAULT_BUDGETS),
         timeout_s=ns.timeout or 600.0, cpu_memory_limit_bytes=ns.cpu_memory_limit,
-        max_measure_s=unlimited_on_cuda(ns.max_measure_s, DEFAULT_MAX_MEASURE_S),
-        max_sweep_s=unlimited_on_cuda(ns.max_sweep_s, DEFAULT_MAX_SWEEP_S),
+        max_measure_s=max_measure_s, max_sweep_s=max_sweep_s,
         seed=ns.seed if ns.seed is not None else 0, min_energy_window_s=ns.min_energy_window or 1.0,
         report=not ns.no_report, resume=resume, overrides=dict(getattr(ns, "overrides", None) or {}),
         command=" ".join(shlex.quote(a) for a in ["python", "run_bench.py", *argv]), env=capture(device),
         nproc=nproc, launch=launch, executor=executor, ray_address=ns.ray_address,
         ray_cpus_per_task=ns.ray_cpus_per_task or 1,
     )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return opts
 
 
 # --------------------------------------------------------------------------------------------------

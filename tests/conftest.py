@@ -12,6 +12,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -113,3 +114,63 @@ def fake_nvml(monkeypatch):
     mod = make_fake_pynvml(clock)
     monkeypatch.setitem(sys.modules, "pynvml", mod)
     return clock, mod
+
+
+#: a plugin module registering, at run time, two models whose forward raises: ``fails-always`` on every call,
+#: ``fails-on-rank1`` only in the process torchrun gave RANK=1 (so that rank's group partners are stopped)
+FAILING_PLUGIN = '''
+import os
+
+import torch
+from idmbench.registry import ModelSpec, register
+
+
+class Failing(torch.nn.Module):
+    def __init__(self, in_channels=1, out_channels=1, width=4, only_rank=None):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.only_rank = only_rank
+
+    def forward(self, x, timesteps, context=None):
+        if self.only_rank is None or os.environ.get("RANK") == str(self.only_rank):
+            raise RuntimeError("this test model always fails in forward")
+        return self.conv(x)
+
+
+for name, rank in (("fails-always", None), ("fails-on-rank1", 1)):
+    register(ModelSpec(
+        name=name, build=lambda in_channels=1, out_channels=1, _r=rank, **cfg: Failing(in_channels, out_channels, only_rank=_r, **cfg),
+        presets={"tiny": {"width": 4}, "small": {"width": 4}, "paper": {"width": 4}}, divisor=lambda cfg: 1))
+'''
+
+
+def register_failing_models(folder: Path) -> Callable[[], None]:
+    """Write :data:`FAILING_PLUGIN` to ``folder/failing_models.py``, put ``folder`` on ``sys.path`` and import
+    it: ``fails-always`` and ``fails-on-rank1`` are registered here, and worker processes import the module
+    too. Returns the function that undoes it all."""
+    import importlib
+
+    from idmbench.registry import unregister
+
+    (folder / "failing_models.py").write_text(FAILING_PLUGIN)
+    sys.path.insert(0, str(folder))
+    importlib.import_module("failing_models")
+
+    def undo() -> None:
+        for name in ("fails-always", "fails-on-rank1"):
+            unregister(name)
+        sys.modules.pop("failing_models", None)
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+
+    return undo
+
+
+@pytest.fixture
+def failing_models(tmp_path):
+    """``fails-always`` and ``fails-on-rank1`` registered for one test (:func:`register_failing_models`)."""
+    undo = register_failing_models(tmp_path)
+    try:
+        yield "failing_models"
+    finally:
+        undo()

@@ -81,13 +81,13 @@ def check_parallel(nproc: list[int], launch: dict[str, Any], device: str, phases
     from .torchrun import LaunchSpec
 
     notes: list[str] = []
+    if int(launch.get("nnodes", 1) or 1) == 1 and (launch.get("node_rank") is not None or launch.get("rdzv_endpoint")):
+        raise UsageError("--node-rank and --rdzv-endpoint are for several nodes: give --nnodes N (N > 1) too")
     try:
         spec = LaunchSpec(nproc_per_node=max(nproc), **launch)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     parallel = max(nproc) > 1 or spec.nnodes > 1
-    if spec.nnodes == 1 and (launch.get("node_rank") is not None or launch.get("rdzv_endpoint")):
-        raise UsageError("--node-rank and --rdzv-endpoint are for several nodes: give --nnodes N (N > 1) too")
     if device.startswith("cuda") and parallel:
         import torch
 

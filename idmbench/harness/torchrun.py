@@ -141,14 +141,31 @@ def group_argv(cfg_path: Path, spec: LaunchSpec, rid: str) -> list[str]:
             "-m", "idmbench.harness.worker", str(cfg_path)]
 
 
+#: words of an error that only says a rank lost its partners (the cause is another rank's failure)
+PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
+                     "distbackenderror", "watchdog", "collective operation timeout")
+
+
+def lost_peer(res: WorkerResult) -> bool:
+    """Whether ``res`` is an ``error`` that only says its rank lost the group (see :data:`PEER_LOSS_MARKERS`)."""
+    return res.status == R.STATUS_ERROR and any(m in res.error.lower() for m in PEER_LOSS_MARKERS)
+
+
 def label_group(found: dict[int, WorkerResult], world_size: int, death: WorkerResult) -> list[WorkerResult]:
-    """One result per rank 0..world_size-1: the ranks' own, and for a rank without one a result labelled
-    from the others (``death``: how the launcher itself ended, used when no rank answered)."""
+    """One result per rank 0..world_size-1: the ranks' own, and for a rank without one -- or whose error only
+    says it lost its partners -- a result labelled from the rank that failed first-hand (its status, its
+    reason); ``death`` is how the launcher itself ended, used when no rank answered."""
     failed = [(r, res) for r, res in sorted(found.items()) if res.status in R.FAILED_STATUSES]
-    worst = next(((r, res) for r, res in failed if res.status == R.STATUS_OOM), failed[0] if failed else None)
+    causes = [(r, res) for r, res in failed if not lost_peer(res)] or failed
+    worst = next(((r, res) for r, res in causes if res.status == R.STATUS_OOM), causes[0] if causes else None)
     out: list[WorkerResult] = []
     for rank in range(world_size):
         res = found.get(rank)
+        if res is not None and worst is not None and worst[0] != rank and lost_peer(res):
+            r, bad = worst
+            res.status = bad.status
+            res.error = (f"rank {rank} lost its group after rank {r} ended with {bad.status} ({bad.error}); "
+                         f"here: {res.error}")[:600]
         if res is None:
             if worst is not None:
                 r, bad = worst
