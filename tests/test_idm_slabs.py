@@ -203,3 +203,22 @@ def test_budget_options_are_checked():
         idmbench.create_model("idm", preset="tiny", recompute_slabs=0)
     with pytest.raises(ValueError, match="IDM got unknown option.*valid options: base_channels, levels.*recompute_budget"):
         idmbench.create_model("idm", preset="tiny", recompute_bugdet=0.5)
+
+
+def test_convolution_helpers_equal_pytorchs():
+    """``conv3d`` (oneDNN on real float32 CPU tensors, ``F.conv3d`` elsewhere) and ``conv3d_input_grad`` (the
+    adjoint) give PyTorch's results; under fake tensors (predictions) the routing stands aside."""
+    import torch.nn.functional as F
+
+    from idmbench.invertible.conv import conv3d, conv3d_input_grad
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 4, 8, 6, 10), torch.randn(8, 4, 3, 3, 3), torch.randn(8)
+    for pad in ((1, 1, 1), (1, 1, 0)):
+        assert torch.allclose(conv3d(x, w, b, pad), F.conv3d(x, w, b, padding=pad), atol=1e-5)
+    g = torch.randn(2, 8, 5, 6, 7, dtype=torch.float64)
+    w64 = w.double()
+    assert rel(conv3d_input_grad(g, w64, (1, 1, 0)), F.conv_transpose3d(g, w64, padding=(1, 1, 0))) <= 1e-13
+    with fake_mode():
+        y = conv3d(torch.randn(1, 4, 64, 64, 64), torch.randn(8, 4, 3, 3, 3), None, (1, 1, 1))
+        assert y.shape == (1, 8, 64, 64, 64)

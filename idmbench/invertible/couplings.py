@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import InvertibleLayer, RecomputeContext, State, grads_for, groups_for, prefixed, sum_opt
+from .conv import conv3d_input_grad
 from .slabs import Params, SlabNet, conv3d_slab, recompute_half
 
 
@@ -70,13 +71,13 @@ class TimeConditionedNet(SlabNet):
 
     def post_input_vjp(self, n: torch.Tensor, mod: torch.Tensor, col0: int, pad: tuple[int, int], p: Params,
                        shape: Sequence[int], dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """conv2 is linear: its input gradient is ``conv_transpose3d(dout)`` (its adjoint), so the input pass
+        """conv2 is linear: its input gradient is its adjoint applied to ``dout``, so the input pass
         backpropagates that from the activation instead of running conv2 and its backward."""
         scale, shift = mod.to(n.dtype).chunk(2, dim=1)
         h = F.silu(n * (1 + scale) + shift)
         with _no_autocast(dout.device.type):
             w = p["conv2.weight"]
-            g = F.conv_transpose3d(dout.to(w.dtype), w, None, padding=(1, 1, 0))  # the padded input's columns
+            g = conv3d_input_grad(dout.to(w.dtype), w, (1, 1, 0))  # the columns of conv2's padded input
         lo = pad[0]
         return h, g[:, :, :, :, lo : lo + h.shape[4]].to(h.dtype)
 
