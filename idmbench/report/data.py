@@ -37,7 +37,8 @@ NUMERIC = (
     "params", "peak_mem_bytes", "predicted_peak_bytes", "step_time_s", "step_time_iqr_s", "voxels_per_s",
     "energy_j_per_step", "flops_per_step", "voxels", "batch", "steps", "warmup", "activation_bytes",
     "predicted_activation_bytes", "prediction_ratio", "reserved_bytes", "nvml_used_bytes", "rss_peak_bytes",
-    "energy_window_s", "loss", "wall_s", "seed",
+    "energy_window_s", "loss", "wall_s", "seed", "world_size", "rank", "group_voxels_per_s", "nosync_step_time_s",
+    "allreduce_share", "ddp_bucket_bytes",
 )
 #: order of phases in tables and plots (others follow alphabetically)
 PHASE_ORDER = ("train", "sample")
@@ -58,6 +59,11 @@ class RunData:
     ``model_info`` is run.json's ``model_info`` (model -> what ``ModelSpec.describe`` wrote: description,
     family, settings, source, attention, recipe, prediction, network_input), empty for older runs;
     ``quality_meta`` is run.json's ``quality`` object.
+
+    ``frame`` holds the single-process rows (``world_size`` 1, which every older results.csv has); the rows
+    of data-parallel groups (``--nproc``, one per rank) are in ``parallel`` (same columns), shown by the
+    scaling section (:mod:`.scaling`) only, so that no other figure mixes one rank's numbers with a
+    single process's.
     """
 
     run_dir: Path
@@ -72,6 +78,7 @@ class RunData:
     has_sweep: bool = True
     model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     quality_meta: dict[str, Any] = field(default_factory=dict)
+    parallel: pd.DataFrame | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -227,7 +234,9 @@ def load_run(run_dir: str | Path) -> RunData:
     built from it."""
     run_dir = check_run_dir(run_dir)
     results = run_dir / "results.csv"
-    frame = rows_frame(read_rows(results) if results.is_file() else [])
+    everything = rows_frame(read_rows(results) if results.is_file() else [])
+    grouped = everything["world_size"].fillna(1) > 1
+    frame, parallel = everything[~grouped].copy(), everything[grouped].copy()
     notes: list[str] = []
 
     meta: dict[str, Any] = {}
@@ -262,7 +271,8 @@ def load_run(run_dir: str | Path) -> RunData:
         models += [m for m in dict.fromkeys(quality["model"]) if m not in models]
     samples = sorted(samples_dir.glob("*.png"), key=lambda p: _sample_key(p, models)) if samples_dir.is_dir() else []
     return RunData(run_dir=run_dir, frame=frame, meta=meta, budgets=budgets, quality=quality, training=training,
-                   samples=samples, notes=notes, has_sweep=results.is_file(), model_info=info, quality_meta=qmeta)
+                   samples=samples, notes=notes, has_sweep=results.is_file(), model_info=info, quality_meta=qmeta,
+                   parallel=parallel if len(parallel) else None)
 
 
 def size_text(size: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import jinja2
 
 from . import methodology, quality
+from .scaling import scaling_section
 from .data import FAILED, RunData, phase_order, size_order, size_text
 from .headline import Headline
 from .plots import all_figures, energy_sentence
@@ -165,6 +166,7 @@ def render_html(run: RunData, headline: Headline, title: str | None = None) -> s
         omitted=omitted,
         legend=legend_sentence(),
         tables=results_tables(run),
+        scaling=scaling_section(run) if run.has_sweep else None,
         detail=detail_table(run),
         notes_table=notes_table(run),
         failures=failures_table(run),

@@ -14,6 +14,7 @@ import pandas as pd
 from .data import RunData
 from .headline import Headline
 from .quality import scores_table
+from .scaling import summary_table as scaling_table
 from .tables import Table
 
 
@@ -62,6 +63,11 @@ def render_markdown(run: RunData, headline: Headline, title: str | None = None) 
             if headline.budget_hint:
                 out += ["These are the presets this run used, not the paper-size networks: for those, run "
                         f"`{headline.budget_hint}`.", ""]
+    if run.parallel is not None and len(run.parallel):
+        scaling = scaling_table(run)
+        out += ["## Data-parallel scaling (training)", "", md_table(scaling), "", _sentence(scaling.caption),
+                "Peak memory is per rank (per GPU on CUDA) and includes DDP's gradient buckets; throughput is the "
+                "whole group's.", ""]
     scores = scores_table(run)
     if scores is not None:
         out += ["## Quality", "", md_table(scores), "", _sentence(scores.caption), ""]
