@@ -176,3 +176,20 @@ def test_bad_parallel_flags_are_one_line_errors(tmp_path, capsys, args, message)
     assert code == 2, err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()  # nothing started, not even the output folder
+
+
+def test_compare_leaves_data_parallel_rows_out(tmp_path):
+    """``compare`` checks measured against predicted memory of single processes only: a rank's peak also
+    holds DDP's buckets, which no single-process prediction includes."""
+    import io
+
+    from idmbench.harness.compare import compare
+
+    common = dict(model="idm", preset="tiny", size="16", phase="train", status="ok", mem_source="cpu-tensors",
+                  predicted_peak_bytes=1000, energy_source="none")
+    R.append_row(tmp_path / "results.csv", R.ResultRow(**common, peak_mem_bytes=1000))
+    for rank in range(2):
+        R.append_row(tmp_path / "results.csv", R.ResultRow(**common, peak_mem_bytes=1400, world_size=2, rank=rank))
+    buf = io.StringIO()
+    assert compare(tmp_path, out=buf) == 0, buf.getvalue()
+    assert "2 data-parallel row(s) (world_size > 1) not compared" in buf.getvalue()

@@ -71,6 +71,10 @@ def compare(run_dir: str | Path, *, cuda: bool = False, out: TextIO | None = Non
         print(f"error: {path} does not exist", file=sys.stderr)
         return EXIT_USAGE
     rows = read_rows(path)
+    ranks = [r for r in rows if (r.world_size or 1) > 1]
+    if ranks:  # a rank's peak holds DDP's buckets: the single-process prediction does not describe it
+        out.write(f"{len(ranks)} data-parallel row(s) (world_size > 1) not compared: the prediction is of one process\n")
+        rows = [r for r in rows if (r.world_size or 1) <= 1]
     measured = [r for r in rows if r.status == STATUS_OK and r.peak_mem_bytes]
     problems: list[str] = []
 
