@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
 from ..invertible.core import InvertibleUNetCore
