@@ -11,7 +11,7 @@ where ``pre`` and ``post`` are local (each output column along the slab axis nee
 operation. Slabs cut the *last* spatial axis (W): PyTorch's CPU convolution keeps its oneDNN kernels only
 while a tensor's leading sizes (N, C, D, H) stay large, so thin slabs along D would fall back to its
 im2col kernels, several times slower; on CUDA the axis makes no difference. Its backward in slabs
-``[r0, r1)`` of W takes three passes (:func:`slab_backward`):
+``[c0, c1)`` of W takes three passes (:func:`slab_backward`):
 
 1. **statistics** (no grad): ``pre`` slab by slab; per-group mean and variance combined across slabs
    with Chan's parallel formula -- the whole-volume statistics up to summation order;
@@ -19,18 +19,19 @@ im2col kernels, several times slower; on CUDA the axis makes no difference. Its 
    statistics as leaves, ``post`` with grad; the output rebuilds the coupling's input in place (the
    inverse), and autograd gives the gradients of ``post``'s and the norm's parameters, of the time
    modulation and of the two statistics (summed over slabs);
-3. **input pass**: per slab, ``pre`` with grad on the slab plus halo, normalise and ``post`` again, and
-   backpropagate the output gradient of the columns this slab influences together with the statistics'
-   gradient (``d mean / N`` and ``d var * 2 (a - mean) / N`` -- GroupNorm's coupling through its
+3. **input pass**: per slab, ``pre`` with grad on the slab plus halo, normalise and ``post`` again (a
+   net whose ``post`` ends in a linear map -- the coupling's conv -- applies that map's adjoint to the
+   output gradient instead, :meth:`SlabNet.post_input_vjp`), and backpropagate the output gradient of
+   the columns this slab influences together with the statistics' gradient (``d mean / N`` and ``d var * 2 (a - mean) / N`` -- GroupNorm's coupling through its
    statistics), giving the input gradient (added over the overlapping halo columns) and ``pre``'s
    parameter gradients.
 
-Every derivative is autograd's; the only hand-written step is the chain rule through the mean and the
-(biased) variance. Results equal the whole-volume recompute up to floating-point summation order
-(tested in float64 against plain autograd, for slab counts that do and do not divide the side). The
-price is ``pre`` run three times and ``post`` twice instead of once each. :func:`choose_slabs` therefore
-slices a layer only when its whole-volume working set exceeds the core's budget, and then into as few
-slabs as the budget allows.
+Every derivative is autograd's (or a convolution's adjoint); the only hand-written step is the chain rule
+through the mean and the (biased) variance. Results equal the whole-volume recompute up to floating-point
+summation order (tested in float64 against plain autograd, for slab counts that do and do not divide the
+side). The price is ``pre`` run three times and ``post`` up to twice instead of once each, plus the halos:
+:func:`choose_slabs` therefore slices a layer only when its whole-volume working set exceeds the core's
+budget, and then into as few slabs as the budget allows.
 """
 
 from __future__ import annotations
