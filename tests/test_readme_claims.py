@@ -220,3 +220,71 @@ def test_sample_report_ran_on_a_two_core_cpu_machine():
     run = json.loads((Path(__file__).resolve().parents[1] / "reports" / "sample" / "run.json").read_text())
     env = run["environment"]
     assert env["cpu_count"] == 2 and run["device"] == "cpu" and not env.get("cuda_version")
+
+
+def _live_multiple(side: int, measured: bool) -> float:
+    """IDM small's training activation bytes (the one definition) over its live state at ``side``^3."""
+    base = idmbench.get_spec("idm").config("small")["base_channels"]
+    act = (check.measured_activation if measured else check.predicted_activation)("idm", "small", side)
+    return act / (base * side**3 * 4)
+
+
+@pytest.mark.slow
+def test_idm_activation_against_the_live_state():
+    """"the activation peak is ≤ N× the live state (`base_channels × voxels × 4 bytes`) -- a× at 32³ and b× at
+    64³ measured on CPU tensors ..., ≤ N× predicted at 128³ and 256³": each multiple to the digits shown
+    (64³ on fake tensors, which equal the CPU measurement byte for byte: ``test_measure.py``)."""
+    text = " ".join(section("IDM in one paragraph").split())
+    m = re.search(r"the activation peak is (~|≤ |at most )([\d.]+)× the live state \(`base_channels × voxels × 4 bytes`\)", text)
+    assert m, "the live-state claim moved or changed form"
+    bound, factor = m.group(1).strip(), float(m.group(2))
+    claim = text[m.end():].split("does not grow")[0]  # the sentence's own figures, up to its next clause
+    each = dict((int(side), float(x)) for x, side in re.findall(r"([\d.]+)× at (\d+)³", claim.split("before the")[0]))
+    predicted = re.search(r"≤ ([\d.]+)× predicted at (\d+)³ and (\d+)³", claim)
+    sides = {**{s: (True, x) for s, x in each.items()}}
+    if predicted:
+        sides.update({int(predicted.group(2)): (False, None), int(predicted.group(3)): (False, None)})
+    assert sides, "no size given for the live-state multiple"
+    for side, (was_measured, stated) in sorted(sides.items()):
+        ratio = _live_multiple(side, measured=was_measured and side <= 32)
+        if bound == "~":
+            assert abs(ratio - factor) <= 0.5, (side, ratio, factor)
+        else:
+            assert ratio <= factor, (side, ratio, factor)
+        if stated is not None:
+            assert abs(ratio - stated) <= 0.005 + 1e-9, (side, ratio, stated)
+
+
+@pytest.mark.slow
+def test_idm_largest_training_cubes():
+    """"Largest training cube, predicted peak of the whole step plus the 0.5 GiB context constant: `small`
+    a³ / b³ / c³ and `paper` d³ / e³ / f³ on 24 / 40 / 80 GiB": each side fits, the next valid side does not."""
+    from idmbench.measure.predict import CUDA_CONTEXT_BYTES, Predictor
+
+    text = " ".join(section("IDM in one paragraph").split())
+    m = re.search(r"`small` (\d+)³ / (\d+)³ / (\d+)³ and `paper` (\d+)³ / (\d+)³ / (\d+)³ on (\d+) / (\d+) / (\d+) GiB", text)
+    assert m, "the largest-cube sentence moved or changed form"
+    g = [int(v) for v in m.groups()]
+    budgets = g[6:]
+    for preset, cubes in (("small", g[0:3]), ("paper", g[3:6])):
+        spec = idmbench.get_spec("idm")
+        step = spec.valid_sides(spec.config(preset))
+        pred = Predictor("idm", preset, flops=False)
+        for side, budget in zip(cubes, budgets):
+            fits = pred.predict(side, "train")
+            bigger = pred.predict(side + step, "train")
+            assert fits.ok and bigger.ok, (fits.error, bigger.error)
+            assert fits.peak_bytes + CUDA_CONTEXT_BYTES <= budget * GiB, (preset, side, budget)
+            assert bigger.peak_bytes + CUDA_CONTEXT_BYTES > budget * GiB, (preset, side + step, budget)
+
+
+def test_idm_core_defaults_as_described():
+    """"full attention up to 64 tokens, 4³ windows above" and "`recompute_budget` (default ¼ of the state)"."""
+    text = " ".join(section("IDM in one paragraph").split())
+    assert "full attention up to 64 tokens, 4³ windows above" in text and "(default ¼ of the state)" in text
+    for preset in ("small", "paper"):
+        with fake_mode():
+            model = create_model("idm", preset=preset)
+        assert model.core.recompute_budget == 0.25
+        attention = [m for m in model.modules() if hasattr(m, "full_max_tokens")]
+        assert attention and all(m.full_max_tokens == 64 and m.window == 4 for m in attention)
