@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from idmbench import check
+from idmbench.check import guards
 from idmbench.invertible.core import InvertibleUNetCore
 
 from conftest import run_cli
@@ -135,8 +136,8 @@ def test_a_failed_prediction_is_a_fail_line_not_a_traceback(tmp_path, capsys, mo
     figures = check.predicted_figures(["idm"])
     assert figures and all(f.value is None and "RuntimeError: the fake step broke" in f.error for f in figures)
     # the invariants that need predictions fail with the reason; so do those whose measurement raises
-    monkeypatch.setattr(check, "predicted_activation", lambda *a, **k: 1 / 0)
-    monkeypatch.setattr(check, "measured_activation", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(guards, "predicted_activation", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(guards, "measured_activation", lambda *a, **k: 1 / 0)
     inv = check.invariants(figures)
     assert len(inv) == 4 and not any(i.ok for i in inv)
     assert all("could not be computed" in i.detail for i in inv)
@@ -185,11 +186,11 @@ def test_activations_stored_per_block_fail_the_flat_invariant(monkeypatch):
 
 
 def test_unet_invariant_needs_matched_parameters(monkeypatch):
-    monkeypatch.setattr(check, "_predicted_train_peak", lambda name, overrides=None: 1 if name == "idm" else 1000)
-    monkeypatch.setattr(check, "_params", lambda name, overrides=None: 100 if name == "idm" else 106)
+    monkeypatch.setattr(guards, "_predicted_train_peak", lambda name, overrides=None: 1 if name == "idm" else 1000)
+    monkeypatch.setattr(guards, "_params", lambda name, overrides=None: 100 if name == "idm" else 106)
     inv = check.unet_invariant()
     assert not inv.ok and "NOT parameter-matched" in inv.detail and "limit +-5 %" in inv.detail
-    monkeypatch.setattr(check, "_params", lambda name, overrides=None: 100 if name == "idm" else 104)
+    monkeypatch.setattr(guards, "_params", lambda name, overrides=None: 100 if name == "idm" else 104)
     assert check.unet_invariant().ok
 
 
