@@ -158,6 +158,10 @@ def run(job: WorkerConfig, result: WorkerResult, t0: float | None = None, group:
     is_cuda = device.startswith("cuda")
     if is_cuda:
         torch.cuda.set_device(torch.device(device))
+    else:  # every model on the kernels IDM's sub-networks use (run.json: cpu_conv3d)
+        from ..invertible.conv import use_onednn_for_every_conv3d
+
+        use_onednn_for_every_conv3d()
     if group is not None:
         group.init()
     size = tuple(int(s) for s in job.size)

@@ -135,9 +135,13 @@ class QualityRun:
             old_term = signal.signal(signal.SIGTERM, on_term)
         except ValueError:  # not the main thread
             old_term = None
+        from ..invertible.conv import onednn_for_every_conv3d
+
         try:
-            for i, name in enumerate(o.models):
-                self.run_model(name, i)
+            # every model on the same CPU kernels (run.json: cpu_conv3d); PyTorch's own again afterwards
+            with onednn_for_every_conv3d(enabled=not str(o.device).startswith("cuda")):
+                for i, name in enumerate(o.models):
+                    self.run_model(name, i)
         except KeyboardInterrupt:
             self._write_meta(finished=_now(), status="interrupted")
             n = len(Q.read_csv(self.csv))
