@@ -59,21 +59,6 @@ class TrainResult:
         return d
 
 
-def _begin(meter: Any) -> None:
-    """Open the training window (``begin_window``, after Zeus; older meters: ``start``)."""
-    if hasattr(meter, "begin_window"):
-        meter.begin_window(ENERGY_WINDOW)
-    else:
-        meter.start()
-
-
-def _end(meter: Any) -> float | None:
-    """Close the training window: joules, or None when the meter has no figure."""
-    if hasattr(meter, "end_window"):
-        return meter.end_window(ENERGY_WINDOW).energy_j
-    return meter.stop()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -172,7 +157,7 @@ def train_model(
 
         meter = make_meter(str(dev))
     if order:
-        _begin(meter)  # before the clock: codecarbon's start-up is not training time
+        meter.begin_window(ENERGY_WINDOW)  # before the clock: codecarbon's start-up is not training time
     _sync(dev)
     t0 = time.perf_counter()
     try:
@@ -191,7 +176,7 @@ def train_model(
     finally:
         if order:
             try:
-                energy_j = _end(meter)
+                energy_j = meter.end_window(ENERGY_WINDOW).energy_j
             except Exception as exc:  # noqa: BLE001 - a meter failure must not lose the training
                 logger.warning("energy meter failed (%s: %s)", type(exc).__name__, exc)
                 energy_j = None
@@ -199,8 +184,8 @@ def train_model(
             note = str(getattr(meter, "note", ""))
             try:
                 meter.close()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - the figure is already taken; say so, go on
+                logger.warning("energy meter did not close cleanly (%s: %s)", type(exc).__name__, exc)
     if dev.type == "cuda":
         mem_bytes, mem_source = int(torch.cuda.max_memory_allocated(dev)), "cuda-allocator"
     elif mem_bytes is None:
