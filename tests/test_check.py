@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def evaluate(figures, baseline, tmp_path, *, update=False, inv=PASSING, tol=0.05
 
 @pytest.mark.slow
 def test_check_passes_on_committed_code_and_baseline():
+    if os.environ.get("IDMBENCH_GATE_IS_NEXT_STEP"):  # .ci/run runs the very same command right after pytest
+        pytest.skip("the gate itself is CI's next step (.ci/run: python run_bench.py check)")
     proc = run_cli("check", timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     out = proc.stdout

@@ -84,6 +84,7 @@ def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
         assert not out_dir.exists(), f"{args}: the sweep started (output folder created)"
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_real_entry_point(tmp_path):
     """The user's view: the real ``python run_bench.py`` process, exit status 2, one line, nothing created."""
     out = tmp_path / "out"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from idmbench.harness.compare import compare
 from idmbench.results import ResultRow, append_row
 
@@ -88,6 +90,7 @@ def test_a_ratio_off_the_prediction_or_missing_nvml_energy_fails(tmp_path):
     assert code == 1 and "NO NVML ENERGY" in out
 
 
+@pytest.mark.slow
 def test_command_line_exit_codes(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "idmbench.harness.compare", *args], cwd=REPO,

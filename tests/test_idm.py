@@ -124,6 +124,7 @@ def activation(model, size=16):
     return training_activation_bytes(model, x, torch.tensor([10])).activation_bytes
 
 
+@pytest.mark.slow
 def test_activation_memory_does_not_grow_with_depth_and_beats_plain_autograd():
     base = dict(preset="small", base_channels=8)
     a2 = activation(idmbench.create_model("idm", blocks_per_level=2, **base))

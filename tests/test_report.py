@@ -550,7 +550,7 @@ def test_report_on_real_sweep(tmp_path):
     out = tmp_path / "sweep"
     # --warmup 1: the harness needs one untimed step so the optimiser state exists before timing
     cmd = [sys.executable, "run_bench.py", "--models", "idm,unet", "--sizes", "16,32", "--preset", "tiny",
-           "--steps", "1", "--warmup", "1", "--out", str(out)]
+           "--steps", "1", "--warmup", "1", "--budget", "none", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"sweep failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert (out / "results.csv").is_file()
