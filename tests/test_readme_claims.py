@@ -255,27 +255,41 @@ def test_idm_activation_against_the_live_state():
             assert abs(ratio - stated) <= 0.005 + 1e-9, (side, ratio, stated)
 
 
+def _idm_train_peak(preset: str, side: int) -> int:
+    """Predicted training peak of ``idm`` ``preset`` at ``side``^3 (a worker process's task)."""
+    from idmbench.measure.predict import Predictor
+
+    p = Predictor("idm", preset, flops=False).predict(side, "train")
+    assert p.ok, p.error
+    return int(p.peak_bytes)
+
+
 @pytest.mark.slow
 def test_idm_largest_training_cubes():
     """"Largest training cube, predicted peak of the whole step plus the 0.5 GiB context constant: `small`
-    a³ / b³ / c³ and `paper` d³ / e³ / f³ on 24 / 40 / 80 GiB": each side fits, the next valid side does not."""
-    from idmbench.measure.predict import CUDA_CONTEXT_BYTES, Predictor
+    a³ / b³ / c³ and `paper` d³ / e³ / f³ on 24 / 40 / 80 GiB": each side fits, the next valid side does not.
+    The twelve predictions are independent and single-threaded: one worker process per core."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from idmbench.measure.predict import CUDA_CONTEXT_BYTES
 
     text = " ".join(section("IDM in one paragraph").split())
     m = re.search(r"`small` (\d+)³ / (\d+)³ / (\d+)³ and `paper` (\d+)³ / (\d+)³ / (\d+)³ on (\d+) / (\d+) / (\d+) GiB", text)
     assert m, "the largest-cube sentence moved or changed form"
     g = [int(v) for v in m.groups()]
     budgets = g[6:]
-    for preset, cubes in (("small", g[0:3]), ("paper", g[3:6])):
-        spec = idmbench.get_spec("idm")
-        step = spec.valid_sides(spec.config(preset))
-        pred = Predictor("idm", preset, flops=False)
-        for side, budget in zip(cubes, budgets):
-            fits = pred.predict(side, "train")
-            bigger = pred.predict(side + step, "train")
-            assert fits.ok and bigger.ok, (fits.error, bigger.error)
-            assert fits.peak_bytes + CUDA_CONTEXT_BYTES <= budget * GiB, (preset, side, budget)
-            assert bigger.peak_bytes + CUDA_CONTEXT_BYTES > budget * GiB, (preset, side + step, budget)
+    spec = idmbench.get_spec("idm")
+    cases = [(preset, side, side + spec.valid_sides(spec.config(preset)), budget)
+             for preset, cubes in (("small", g[0:3]), ("paper", g[3:6])) for side, budget in zip(cubes, budgets)]
+    jobs = [(preset, s) for preset, side, bigger, _ in cases for s in (side, bigger)]
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1)),
+                             mp_context=mp.get_context("spawn")) as pool:
+        peaks = dict(zip(jobs, pool.map(_idm_train_peak, *zip(*jobs))))
+    for preset, side, bigger, budget in cases:
+        assert peaks[(preset, side)] + CUDA_CONTEXT_BYTES <= budget * GiB, (preset, side, budget)
+        assert peaks[(preset, bigger)] + CUDA_CONTEXT_BYTES > budget * GiB, (preset, bigger, budget)
 
 
 def test_idm_core_defaults_as_described():
