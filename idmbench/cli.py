@@ -328,14 +328,12 @@ def options_from_args(ns: argparse.Namespace, argv: Sequence[str]):
 
 def report_main(d: Path) -> int:
     """``report DIR``: build DIR/report.html from DIR's result files (0 done, 1 failed, 2 bad folder)."""
-    if not d.exists():
-        print(f"error: report: {d} does not exist, so it has no results.csv to build a report from", file=sys.stderr)
-        return EXIT_USAGE
-    if not d.is_dir():
-        print(f"error: report: {d} is a file, not a sweep output folder", file=sys.stderr)
-        return EXIT_USAGE
-    if not (d / "results.csv").exists():
-        print(f"error: report: {d} has no results.csv (not a sweep output folder)", file=sys.stderr)
+    from .report.data import check_run_dir
+
+    try:  # a sweep (results.csv), a quality run (quality.csv / training.csv), or both
+        check_run_dir(d)
+    except ValueError as exc:
+        print(f"error: report: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from .report import build_report
 

@@ -138,7 +138,9 @@ def test_per_model_presets_and_non_cube_sizes(tmp_path):
 
 def test_report_subcommand(tmp_path, monkeypatch, capsys):
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
-    assert "has no results.csv" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2  # a folder with no run in it
+    assert "no results.csv or quality.csv in" in capsys.readouterr().err
     (tmp_path / "results.csv").write_text("model,preset,size,phase\n")
     calls = []
     fake = types.ModuleType("idmbench.report")
@@ -146,6 +148,11 @@ def test_report_subcommand(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "idmbench.report", fake)
     assert cli.main(["report", str(tmp_path)]) == 0
     assert calls == [tmp_path] and "report.html" in capsys.readouterr().out
+    quality_only = tmp_path / "quality-only"  # a quality run alone is a run folder too
+    quality_only.mkdir()
+    (quality_only / "quality.csv").write_text("model,t,psnr\n")
+    assert cli.main(["report", str(quality_only)]) == 0
+    assert calls[-1] == quality_only
 
     def boom(d):
         raise RuntimeError("no plots today")
