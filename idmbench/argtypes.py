@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .results import parse_size
@@ -183,3 +185,20 @@ def device(text: str) -> str:
     if t.startswith("cuda:") and t[5:].isdigit():
         return t
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def writable_folder(path: Path, flag: str = "--out") -> None:
+    """Create the folder ``path`` and prove it is writable; :class:`UsageError` (one line) when it is a file,
+    lies under a file, or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; choose a folder (it is created if missing)")
+    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path} is not writable: {blocker} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} is not writable ({exc.strerror or exc})") from None

@@ -128,6 +128,21 @@ def _coerce(name: str, value: str) -> Any:
     return value
 
 
+def write_csv_atomic(path: str | os.PathLike, columns: list[str], rows: Iterable[Any]) -> None:
+    """Write dataclass ``rows`` under ``columns`` to ``path`` atomically (a temporary file, fsync, rename);
+    None becomes an empty cell."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _upgrade_header(path: Path) -> None:
     """Rewrite a results file written before columns were added (an old sweep being resumed) with today's
     header, its rows keeping their values and the new columns their defaults; atomic."""
@@ -136,15 +151,7 @@ def _upgrade_header(path: Path) -> None:
     if header == COLUMNS or not header:
         return
     rows = read_rows(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_csv_atomic(path, COLUMNS, rows)
     logger.info("%s: header upgraded to this version's %d columns (%d rows kept)", path, len(COLUMNS), len(rows))
 
 

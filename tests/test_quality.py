@@ -284,6 +284,14 @@ def test_out_that_holds_a_quality_run_needs_resume(tmp_path, capsys):
     assert code == 2 and f"--resume {tmp_path}" in stderr
 
 
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, says in ((a_file, "is a file, not a folder"), (a_file / "below", f"not writable: {a_file} is a file")):
+        code, _, stderr = _run(["--out", str(out), "--train-steps", "1"], capsys)
+        assert code == 2 and says in stderr and stderr.count("\n") == 1, stderr
+
+
 def test_every_flag_has_help_with_a_default():
     p = build_parser()
     for action in p._actions:

@@ -11,7 +11,6 @@ cache.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -222,15 +221,9 @@ def search_model(model: str, preset: str, budgets: list[tuple[str, int]], predic
 
 def write_budgets(path: str | os.PathLike, rows: list[BudgetRow]) -> None:
     """Write ``budgets.csv`` atomically (header + one line per row; empty cells for None)."""
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=BUDGET_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from ..results import write_csv_atomic
+
+    write_csv_atomic(path, BUDGET_COLUMNS, rows)
 
 
 def read_budgets(path: str | os.PathLike) -> list[BudgetRow]:

@@ -8,14 +8,13 @@ folder's ``run.json`` holds (as defaults in the flags' own syntax). Every check 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import argtypes as T
-from ..argtypes import UsageError
+from ..argtypes import UsageError, writable_folder
 
 DEFAULT_SIZES = (64, 128, 256)
 
@@ -139,20 +138,9 @@ def choose_sizes(given: list[tuple[int, int, int]] | None, models: list[str], pr
 
 def check_out(path: Path, *, resume: bool) -> None:
     """Create ``path`` and prove it is writable; refuse a folder that already holds results (unless resuming)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} is a file, not a folder; choose a folder (it is created if missing)")
-    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"--out {path} is not writable: {blocker} is a file, not a folder")
-    if not resume and (path / "results.csv").exists():
+    if not resume and path.is_dir() and (path / "results.csv").exists():
         raise UsageError(f"--out {path} already holds results.csv; continue it with --resume {path} or choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {path} is not writable ({exc.strerror or exc})") from None
+    writable_folder(path)
 
 
 def resume_defaults(rdir: Path) -> dict[str, Any]:

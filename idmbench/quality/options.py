@@ -213,15 +213,14 @@ def _check_sizes(size: tuple[int, int, int], models: list[str], presets: dict[st
 
 
 def _check_out(path: Path, *, resume: bool) -> None:
-    if not resume and (path / "quality.csv").exists():
+    if not resume and path.is_dir() and (path / "quality.csv").exists():
         raise UsageError(f"--out {path} already holds a quality run (quality.csv); continue it with --resume {path} or choose another --out")
+    from ..argtypes import UsageError as FlagError, writable_folder
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".quality-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {path} is not writable ({exc.strerror or exc})") from None
+        writable_folder(path)
+    except FlagError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _previous_settings(rdir: Path) -> dict[str, Any]:
