@@ -7,6 +7,7 @@ Import them as ``from conftest import ...`` (pytest puts this folder on ``sys.pa
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -29,10 +30,26 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _sigint_default() -> None:
+    """In a child before exec: SIGINT back to its default, so Python raises KeyboardInterrupt for it even
+    when the test run itself was started with SIGINT ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(*args: str) -> subprocess.Popen:
-    """``python run_bench.py ARGS`` started in the background (stdout and stderr piped)."""
+    """``python run_bench.py ARGS`` started in the background (stdout and stderr piped); SIGINT reaches it
+    as Ctrl-C would."""
     return subprocess.Popen([sys.executable, "run_bench.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process during the test (Python's own handler), as at a
+    terminal, even when the test run was started with SIGINT ignored; the previous handler afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def bench_models() -> list[str]:

@@ -411,7 +411,7 @@ def _check_activation_identity(rows: list[R.ResultRow]) -> None:
 
 
 @pytest.mark.slow
-def test_interrupt_right_after_the_first_row_keeps_it(tmp_path):
+def test_interrupt_right_after_the_first_row_keeps_it(tmp_path, sigint_raises):
     """Ctrl-C (a SIGINT sent from the row hook, so the timing is exact) right after the first config:
     that row is on disk; before it only its own prediction ran (no other config predicted, no budget
     search); the sweep says how to resume; and the measured row satisfies the activation identity."""

@@ -72,7 +72,7 @@ def test_ray_writes_the_local_executors_rows(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_completes_the_sweep(ray_session, tmp_path):
+def test_ctrl_c_then_resume_completes_the_sweep(ray_session, tmp_path, sigint_raises):
     """SIGINT from the row hook right after the first row: exit 130, the finished rows kept (tasks finished
     by then too, the rest cancelled), run.json interrupted; --resume then runs only what is missing."""
     out = tmp_path / "run"
