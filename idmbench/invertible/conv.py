@@ -74,10 +74,14 @@ def use_onednn_for_every_conv3d() -> str:
     """Route ``torch.nn.functional.conv3d`` (hence every ``nn.Conv3d``) through :func:`conv3d_any` for
     the rest of this process, so that baselines and plugins run on the kernels IDM's sub-networks use.
     Idempotent; returns :data:`ROUTING_NOTE` (or why nothing was routed)."""
-    if not _ONEDNN:
-        return "PyTorch's default (oneDNN not available in this build)"
-    F.conv3d = conv3d_any  # nn.Conv3d looks F.conv3d up at call time
-    return ROUTING_NOTE
+    if _ONEDNN:
+        F.conv3d = conv3d_any  # nn.Conv3d looks F.conv3d up at call time
+    return routing_note()
+
+
+def routing_note() -> str:
+    """What ``run.json`` records as ``cpu_conv3d``: the kernels a CPU benchmark process runs every model on."""
+    return ROUTING_NOTE if _ONEDNN else "PyTorch's default (oneDNN not available in this build)"
 
 
 def conv3d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int]) -> torch.Tensor:

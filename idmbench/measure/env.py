@@ -151,9 +151,9 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "hostname": socket.gethostname(),
     }
     if not str(device).startswith("cuda"):  # what the benchmark processes do on CPU, for every model alike
-        from ..invertible.conv import _ONEDNN, ROUTING_NOTE
+        from ..invertible.conv import routing_note
 
-        env["cpu_conv3d"] = ROUTING_NOTE if _ONEDNN else "PyTorch's default (oneDNN not available in this build)"
+        env["cpu_conv3d"] = routing_note()
     from importlib import metadata
 
     for mod, dist in (("monai", "monai"), ("codecarbon", "codecarbon"), ("numpy", "numpy"), ("rich", "rich")):
